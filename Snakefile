@@ -1,0 +1,18 @@
+# gemvlab: fetch_model -> fetch_data -> <experiment stages> -> tables -> claims.
+# Knobs (snakemake --config key=value ...):
+#   scale=smoke|cpu|gpu|paper   experiments=baseline,...   overrides="hydra overrides for all runs"
+#   results=<dir> (default results/, or results/<scale>/ off the cpu scale)   resources=<dir>
+from gemvlab.workflow import Workflow
+
+W = Workflow.from_config(config)
+
+
+include: "rules/fetch.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        f"{W.results}/CLAIMS.md",
+    default_target: True

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv in the repo and install gemvlab with everything it needs (idempotent).
+# TORCH_SPEC picks the torch build: the default CPU-friendly pin, or e.g. "torch==2.11.0" on CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+stamp=.venv/.gemvlab-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "gemvlab: installing into .venv (first time takes a few minutes)" >&2
+.venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" install "$TORCH_SPEC"
+"${PIP[@]}" install -e ".[dev]"
+mapfile -t NODEPS < <(.venv/bin/python -c "import tomllib;print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['tool']['gemvlab']['no-deps']))")
+"${PIP[@]}" install --no-deps "${NODEPS[@]}"
+echo "$want" > "$stamp"

@@ -1,0 +1,113 @@
+"""Config composition shared by the stages and the Snakefile, so both agree on every run_id."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from gemvlab.errors import GemvlabError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+
+# Keys that do not change what a run computes, so they stay out of its run_id.
+_NOT_IN_RUN_ID = ("logger", "paths", "threads", "hub_online")
+_EXPERIMENT_KEYS_IN_RUN_ID = ("id",)
+
+
+def sanitize(value: str) -> str:
+    """Turn a hub id such as org/name into a folder-safe model name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", str(value))
+
+
+if not OmegaConf.has_resolver("sanitize"):
+    OmegaConf.register_new_resolver("sanitize", sanitize)
+
+
+def conf_dir() -> Path:
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise GemvlabError(f"config tree not found at {CONF_DIR}: install gemvlab editable "
+                           "from its repository (bash scripts/setup.sh)")
+    return CONF_DIR
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose the root config with overrides, outside @hydra.main (Snakefile, tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gemvlab.hydra_errors import explain
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as exc:  # hydra raises several types; all become one clear line
+        raise GemvlabError(explain(exc, overrides)) from exc
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain data (what config.yaml of a run record holds)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except Exception as exc:
+        raise GemvlabError(f"config does not resolve: {exc}".splitlines()[0]) from exc
+
+
+def run_id(plain_cfg: Mapping, stage: str) -> str:
+    """Short hash of everything that changes a run's result: same config, same folder."""
+    kept = {k: v for k, v in plain_cfg.items() if k not in _NOT_IN_RUN_ID and k != "hydra"}
+    kept["stage"] = stage
+    exp = plain_cfg.get("experiment") or {}
+    kept["experiment"] = {k: exp.get(k) for k in _EXPERIMENT_KEYS_IN_RUN_ID}
+    blob = json.dumps(kept, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    experiment: str
+    stage: str
+    run_id: str
+    overrides: tuple[str, ...]
+    config: dict
+
+
+def expand_grid(grid: Mapping[str, Sequence]) -> list[tuple[str, ...]]:
+    keys = list(grid)
+    values = [v if isinstance(v, list | tuple) else [v] for v in (grid[k] for k in keys)]
+    return [tuple(f"{k}={v}" for k, v in zip(keys, combo, strict=True))
+            for combo in itertools.product(*values)]
+
+
+def plan_experiment(experiment: str, extra: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every run an experiment declares, resolved: the DAG's leaves and the tables' rows."""
+    base = compose([f"experiment={experiment}", *extra])
+    grids = OmegaConf.to_container(base.experiment.runs, resolve=False)
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+    for grid in grids:
+        for combo in expand_grid(grid):
+            overrides = (f"experiment={experiment}", *combo, *extra)
+            plain = to_plain(compose(overrides))
+            rid = run_id(plain, plain["experiment"]["stage"])
+            if rid in seen:
+                continue
+            seen.add(rid)
+            runs.append(PlannedRun(experiment, plain["experiment"]["stage"], rid, overrides, plain))
+    return runs
+
+
+def experiment_ids() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))

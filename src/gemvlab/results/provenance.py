@@ -1,0 +1,77 @@
+"""Where and how a run happened: enough to tell two runs' numbers apart, or trust one."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from gemvlab.config import REPO_ROOT
+
+_PACKAGES = ("gemvlab", "torch", "transformers", "accelerate", "gguf", "safetensors",
+             "hydra-core", "snakemake", "lm-eval", "wandb", "pandas", "numpy", "datasets")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def collect(seed: int | None) -> dict:
+    import torch
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+               "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {
+        "git_sha": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "packages": package_versions(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "seed": seed,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }

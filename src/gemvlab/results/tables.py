@@ -1,0 +1,241 @@
+"""Result tables built only from run records, so every number in a table traces to a run_id.
+
+A table spec (from the experiment's Hydra config) names the config values to show
+(`columns`: output name -> dotted config path) and the metrics, either as a list of keys
+(`metrics`: a wide table, one row per run) or as a key template (`pattern`, e.g.
+``"lmeval/{task}/{metric}"``: a long table, one row per run and value of every placeholder but
+the last, whose values become the metric columns). Optional `sort` lists the columns to sort by.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from gemvlab.errors import GemvlabError
+from gemvlab.results.records import atomic_write_text
+
+RUN_ID = "run_id"
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One completed stage run, as read back from its run record folder."""
+
+    run_id: str
+    config: dict
+    metrics: dict[str, float]
+
+
+def load_record(run_dir: Path) -> Record:
+    """Read a run record; refuse incomplete ones, since metrics.json is written last."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    config_path = run_dir / "config.yaml"
+    for path in (metrics_path, config_path):
+        if not path.is_file():
+            raise GemvlabError(
+                f"run record {run_dir} is incomplete (no {path.name}): rerun its stage"
+            )
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GemvlabError(f"{metrics_path} is not readable JSON ({err}): rerun its stage") from err
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise GemvlabError(f"{config_path} is not readable YAML ({err}): rerun its stage") from err
+    if not isinstance(config, dict):
+        raise GemvlabError(f"{config_path} is not a mapping: rerun its stage")
+    return Record(run_id=run_dir.name, config=config, metrics=_check_metrics(metrics_path, metrics))
+
+
+def _check_metrics(path: Path, metrics: Any) -> dict[str, float]:
+    """Keep the metrics contract (a flat dict of numbers) so tables never hold odd objects."""
+    if not isinstance(metrics, dict):
+        raise GemvlabError(f"{path} must hold a flat JSON object of numbers")
+    checked: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise GemvlabError(f"{path}: metric {key!r} is {value!r}, not a number")
+        checked[key] = value
+    return checked
+
+
+def build_table(records: Sequence[Record], spec: Mapping) -> pd.DataFrame:
+    """Turn run records into one table as the spec says; the caller fixes the record order."""
+    columns = spec.get("columns") or {}
+    if not isinstance(columns, Mapping):
+        raise GemvlabError("table spec 'columns' must map output column names to config paths")
+    has_metrics, has_pattern = spec.get("metrics") is not None, spec.get("pattern") is not None
+    if has_metrics == has_pattern:
+        raise GemvlabError("table spec needs exactly one of 'metrics' (a list) or 'pattern'")
+    if has_metrics:
+        rows, placeholders, metric_cols = _wide_rows(records, columns, spec["metrics"])
+    else:
+        rows, placeholders, metric_cols = _long_rows(records, columns, spec["pattern"])
+    order = [RUN_ID, *columns, *placeholders, *metric_cols]
+    clashes = sorted({name for name in order if order.count(name) > 1})
+    if clashes:
+        raise GemvlabError(f"table spec gives more than one column the name(s) {clashes}")
+    df = pd.DataFrame(rows, columns=order)
+    sort = spec.get("sort")
+    by = [*columns, *placeholders] if sort is None else [str(name) for name in sort]
+    return _sorted(df, by)
+
+
+def _config_values(record: Record, columns: Mapping) -> dict[str, Any]:
+    """Look up each dotted config path, so a typo fails loudly instead of giving NaN."""
+    values = {}
+    for name, dotted in columns.items():
+        node: Any = record.config
+        for part in str(dotted).split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise GemvlabError(
+                    f"config path {dotted!r} (column {name!r}) is missing in the config of run "
+                    f"{record.run_id}: fix the table spec"
+                )
+            node = node[part]
+        if isinstance(node, Mapping | list):
+            raise GemvlabError(f"config path {dotted!r} of run {record.run_id} is not a scalar")
+        values[str(name)] = node
+    return values
+
+
+def _wide_rows(
+    records: Sequence[Record], columns: Mapping, metrics: Any
+) -> tuple[list[dict], list[str], list[str]]:
+    """One row per record with the listed metrics; a metric a run lacks is NaN."""
+    if isinstance(metrics, str) or not isinstance(metrics, Sequence) or not metrics:
+        raise GemvlabError("table spec 'metrics' must be a non-empty list of metric keys")
+    keys = [str(key) for key in metrics]
+    rows = [
+        {
+            RUN_ID: rec.run_id,
+            **_config_values(rec, columns),
+            **{key: rec.metrics.get(key, math.nan) for key in keys},
+        }
+        for rec in records
+    ]
+    return rows, [], keys
+
+
+def _compile_pattern(pattern: str) -> tuple[re.Pattern[str], list[str]]:
+    """Turn a key template into a regex; each placeholder matches one path segment."""
+    parts, names, pos = [], [], 0
+    for match in _PLACEHOLDER.finditer(pattern):
+        name = match.group(1)
+        if not name.isidentifier() or name in names:
+            raise GemvlabError(
+                f"table pattern {pattern!r}: placeholder {{{name}}} must be a unique identifier"
+            )
+        parts += [re.escape(pattern[pos : match.start()]), f"(?P<{name}>[^/]+)"]
+        names.append(name)
+        pos = match.end()
+    if not names:
+        raise GemvlabError(f"table pattern {pattern!r} has no {{placeholder}}")
+    parts.append(re.escape(pattern[pos:]))
+    return re.compile("".join(parts)), names
+
+
+def _long_rows(
+    records: Sequence[Record], columns: Mapping, pattern: Any
+) -> tuple[list[dict], list[str], list[str]]:
+    """One row per record and placeholder values; the last placeholder names the columns."""
+    if not isinstance(pattern, str):
+        raise GemvlabError("table spec 'pattern' must be a string like 'lmeval/{task}/{metric}'")
+    regex, names = _compile_pattern(pattern)
+    row_keys = names[:-1]
+    rows: list[dict] = []
+    metric_cols: dict[str, None] = {}  # an ordered set: first-seen order
+    for rec in records:
+        base = {RUN_ID: rec.run_id, **_config_values(rec, columns)}
+        groups: dict[tuple[str, ...], dict[str, float]] = {}
+        for key, value in rec.metrics.items():
+            match = regex.fullmatch(key)
+            if match is None:
+                continue
+            *group, column = (match.group(name) for name in names)
+            groups.setdefault(tuple(group), {})[column] = value
+            metric_cols.setdefault(column, None)
+        rows += [
+            {**base, **dict(zip(row_keys, group, strict=True)), **values}
+            for group, values in groups.items()
+        ]
+    return rows, row_keys, list(metric_cols)
+
+
+def _sorted(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Stable sort, so rows with equal keys keep the caller's record order."""
+    if not by or df.empty:
+        return df
+    unknown = [name for name in by if name not in df.columns]
+    if unknown:
+        raise GemvlabError(
+            f"table sort column(s) {unknown} are not in the table {list(df.columns)}"
+        )
+    try:
+        return df.sort_values(by, kind="stable", na_position="last").reset_index(drop=True)
+    except TypeError as err:
+        raise GemvlabError(f"cannot sort the table by {by}: mixed value types ({err})") from err
+
+
+def write_table(
+    df: pd.DataFrame, out_dir: Path, name: str, title: str | None = None, note: str | None = None
+) -> None:
+    """Write <name>.csv (for machines) and <name>.md (for people), each atomically."""
+    if not name or "/" in name or name.startswith("."):
+        raise GemvlabError(f"table name {name!r} must be a plain file name")
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / f"{name}.csv", df.to_csv(index=False, lineterminator="\n"))
+    head = "".join(f"{text}\n\n" for text in (f"# {title}" if title else None, note) if text)
+    atomic_write_text(out_dir / f"{name}.md", head + to_markdown(df))
+
+
+def format_number(value: float, nan: str = "") -> str:
+    """Four significant digits; from 1e4 up, rounded to whole numbers (16384, not 1.638e+04)."""
+    value = float(value)
+    if math.isnan(value):
+        return nan
+    text = f"{value:.4g}"
+    if "e+" in text and abs(value) < 1e15:
+        return f"{value:.0f}"
+    return text
+
+
+def _cell(value: Any) -> str:
+    """One Markdown cell: numbers formatted, missing values empty, pipes escaped."""
+    if isinstance(value, float | np.floating):
+        text = format_number(value)
+    elif value is None or value is pd.NA or value is pd.NaT:
+        text = ""
+    else:
+        text = str(value)
+    return text.replace("|", r"\|").replace("\r", " ").replace("\n", " ")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub pipe table; numeric columns right-aligned. Own writer: no tabulate dependency."""
+    numeric = [
+        pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col])
+        for col in df.columns
+    ]
+    lines = [
+        "| " + " | ".join(_cell(col) for col in df.columns) + " |",
+        "| " + " | ".join("---:" if num else "---" for num in numeric) + " |",
+    ]
+    lines += [
+        "| " + " | ".join(_cell(v) for v in row) + " |"
+        for row in df.itertuples(index=False, name=None)
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,133 @@
+"""The one way a stage runs: compose, check overrides, seed, call the method, write the record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from gemvlab.config import compose, conf_dir, run_id, to_plain
+from gemvlab.errors import GemvlabError
+from gemvlab.results import provenance, records
+from gemvlab.tracking import Tracker
+
+log = logging.getLogger("gemvlab")
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets besides its config: where to write and how to log."""
+
+    name: str
+    run_dir: Path
+    run_id: str
+    config: dict
+    tracker: Tracker
+
+
+StageFn = Callable[[DictConfig, StageContext], Mapping[str, float]]
+
+
+def _user_overrides(argv: list[str]) -> list[str] | None:
+    """Overrides to pre-check, or None when Hydra runs in a mode we leave to it (-m, --cfg…)."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    return [a for a in argv if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
+
+
+def set_determinism(seed: int, threads: int | None) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def _set_offline(cfg: DictConfig) -> None:
+    if not cfg.get("hub_online", False):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _check_run_folder(cfg_plain: dict, run_dir: Path, rid: str) -> None:
+    """Under results/runs/<experiment>/ a folder name is a run_id; a mismatch means drift."""
+    runs_root = Path(cfg_plain["paths"]["results"]).resolve() / "runs"
+    if run_dir.resolve().parent.parent == runs_root and run_dir.name != rid:
+        raise GemvlabError(f"run folder {run_dir} does not match this config's run_id {rid}: "
+                           "let the Snakefile name run folders, or run without hydra.run.dir")
+
+
+def execute(name: str, body: StageFn, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Run one stage body and write its record; also the entry used by tests."""
+    _set_offline(cfg)
+    plain = to_plain(cfg)
+    rid = run_id(plain, name)
+    _check_run_folder(plain, run_dir, rid)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records.begin_record(run_dir)
+    set_determinism(int(cfg.seed), cfg.get("threads"))
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    exp = plain.get("experiment", {}).get("id", "adhoc")
+    tracker = Tracker(plain["logger"], name=f"{exp}/{name}/{rid}", group=exp, job_type=name,
+                      config=plain)
+    failed = True
+    try:
+        metrics = dict(body(cfg, StageContext(name, run_dir, rid, plain, tracker)))
+        metrics.setdefault("wall_s", round(time.perf_counter() - t0, 3))
+        prov = provenance.collect(int(cfg.seed))
+        prov.update(stage=name, run_id=rid, started=started.isoformat(),
+                    finished=datetime.now(UTC).isoformat(), wall_s=metrics["wall_s"],
+                    argv=sys.argv[1:])
+        records.write_record(run_dir, plain, metrics, prov)
+        tracker.log_metrics(records.check_metrics(metrics))
+        failed = False
+    finally:
+        tracker.finish(failed=failed)
+    log.info("%s: run %s done in %.1f s -> %s", name, rid, metrics["wall_s"], run_dir)
+    return metrics
+
+
+def stage(name: str) -> Callable[[StageFn], Callable[[], None]]:
+    """Turn a stage body into a `python -m gemvlab.stages.<name>` entry point (@hydra.main)."""
+
+    def wrap(body: StageFn) -> Callable[[], None]:
+        import hydra
+        from hydra.core.hydra_config import HydraConfig
+
+        @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+        def _hydra_main(cfg: DictConfig) -> None:
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            try:
+                execute(name, body, cfg, run_dir)
+            except GemvlabError as exc:
+                print(f"gemvlab {name}: error: {exc}", file=sys.stderr)
+                sys.exit(1)
+
+        def main() -> None:
+            argv = sys.argv[1:]
+            checked = _user_overrides(argv)
+            if checked is not None:
+                try:
+                    compose(checked)
+                except GemvlabError as exc:
+                    print(f"gemvlab {name}: error: {exc}", file=sys.stderr)
+                    sys.exit(2)
+            sys.argv = [sys.argv[0], *argv, f"hydra.job.name={name}"]
+            _hydra_main()
+
+        return main
+
+    return wrap

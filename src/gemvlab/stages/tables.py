@@ -1,0 +1,44 @@
+"""Stage tables: rebuild results/tables/<experiment>/ from run records, never by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from gemvlab.config import plan_experiment
+from gemvlab.errors import GemvlabError
+from gemvlab.stage import StageContext, stage
+
+
+def planned_run_ids(cfg: DictConfig) -> list[str]:
+    """The runs the Snakefile passed, or (ad hoc) the experiment's plan at this scale."""
+    if cfg.report.run_ids is not None:
+        return [str(r) for r in cfg.report.run_ids]
+    extra = [f"scale={cfg.scale.name}", f"paths.results={cfg.paths.results}"]
+    return [run.run_id for run in plan_experiment(cfg.experiment.id, extra)]
+
+
+@stage("tables")
+def tables(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    from gemvlab.results.tables import build_table, load_record, write_table
+
+    exp = cfg.experiment.id
+    results = Path(cfg.paths.results)
+    records = [load_record(results / "runs" / exp / rid) for rid in planned_run_ids(cfg)]
+    if not records:
+        raise GemvlabError(f"experiment {exp} declares no runs: add experiment.runs")
+    out_dir = results / "tables" / exp
+    metrics: dict[str, float] = {"runs": len(records)}
+    for name, spec in cfg.experiment.tables.items():
+        spec_plain = OmegaConf.to_container(spec, resolve=True)
+        df = build_table(records, spec_plain)
+        write_table(df, out_dir, name, title=spec_plain.get("title"), note=spec_plain.get("note"))
+        ctx.tracker.log_table(f"{exp}/{name}", df, [out_dir / f"{name}.csv",
+                                                    out_dir / f"{name}.md"])
+        metrics[f"rows_{name}"] = len(df)
+    return metrics
+
+
+if __name__ == "__main__":
+    tables()

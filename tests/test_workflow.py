@@ -1,0 +1,67 @@
+"""The Snakemake workflow: its plan, dry run and lint (the full smoke run is in test_smoke.py)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from gemvlab.config import REPO_ROOT, compose, experiment_ids, plan_experiment, run_id, to_plain
+from gemvlab.workflow import Workflow
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SNAKEMAKE, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_every_experiment_and_group_option_composes():
+    for exp in experiment_ids():
+        assert plan_experiment(exp)
+    for group in ("model", "data", "eval", "scale", "logger"):
+        for option in sorted((REPO_ROOT / "conf" / group).glob("*.yaml")):
+            extra = ["model.path=/x"] if option.stem == "local" else []
+            cfg = to_plain(compose([f"{group}={option.stem}", *extra]))
+            assert cfg[group]
+
+
+def test_run_ids_follow_the_config_not_the_bookkeeping():
+    base = to_plain(compose([]))
+    assert run_id(base, "evaluate") == run_id(to_plain(compose(["logger=none", "threads=1",
+                                                               "paths.results=/tmp/x"])),
+                                              "evaluate")
+    assert run_id(base, "evaluate") != run_id(base, "tables")
+    changed = to_plain(compose(["eval.perplexity.context_length=256"]))
+    assert run_id(base, "evaluate") != run_id(changed, "evaluate")
+
+
+def test_baseline_plan_has_both_models_twice():
+    runs = plan_experiment("baseline", ["scale=smoke"])
+    pairs = sorted((r.config["model"]["name"], r.config["eval"]["name"]) for r in runs)
+    assert pairs == sorted((m, e) for m in ("smollm2-135m", "gemma3-270m")
+                           for e in ("standard", "perplexity"))
+    assert len({r.run_id for r in runs}) == 4
+
+
+def test_workflow_routes_results_by_scale():
+    assert Workflow.from_config({"scale": "smoke", "experiments": "baseline"}).results == \
+        "results/smoke"
+    assert Workflow.from_config({"experiments": "baseline"}).results == "results"
+
+
+def test_dry_run_shows_the_whole_chain(tmp_path: Path):
+    proc = snakemake("-n", "--config", f"resources={tmp_path}/res", f"results={tmp_path}/out",
+                     "scale=smoke")
+    assert proc.returncode == 0, proc.stderr
+    stats = proc.stdout[proc.stdout.index("Job stats"):]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, flags=re.M))
+    assert counts == {"fetch_model": "2", "fetch_data": "2", "evaluate": "4", "tables": "1",
+                      "claims": "1", "all": "1", "total": "11"}
+
+
+def test_lint_passes():
+    proc = snakemake("--lint")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
