@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
-import transformers
 
 from gemvlab.errors import GemvlabError
 from gemvlab.eval.lm_eval_adapter import (
@@ -18,43 +18,17 @@ from gemvlab.eval.lm_eval_adapter import (
     evaluate_tasks,
     write_task_yamls,
 )
+from tests.tiny import make_llama, make_tokenizer
 
 MAX_LENGTH = 256
 ARROW = "validation/data-00000-of-00001.arrow"
 
 
-def make_tokenizer():
-    """Byte-level tokenizer with one token per byte: any text, no network, no merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["</s>"] = len(vocab)
-    vocab["<pad>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>"
-    )
-
-
 def make_model(tokenizer, favoured_token: str | None = None):
     """Tiny seeded Llama; optionally with an lm_head bias that makes one token very likely."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        max_position_embeddings=MAX_LENGTH,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    model = transformers.LlamaForCausalLM(config).float().eval()
+    model = make_llama(len(tokenizer), seed=0, max_len=MAX_LENGTH)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
     if favoured_token is not None:
         # Keep the random (context-dependent) part of the logits and add a large bias, so
         # choices spelled with the favoured token win, but log-likelihoods still vary.
@@ -254,3 +228,16 @@ def test_replaced_output_head_is_not_retied(tokenizer, local_tasks, tmp_path: Pa
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert torch.equal(model.lm_head.weight, before)
     assert "tie_weights" not in vars(model)
+
+
+def test_missing_lm_eval_names_the_install_fix(monkeypatch, local_tasks, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail
+    with pytest.raises(GemvlabError, match="scripts/setup.sh"):
+        write_task_yamls(local_tasks, tmp_path / "tasks")
+
+
+def test_zero_limit_is_rejected(tokenizer, local_tasks, tmp_path: Path) -> None:
+    """lm-eval would read limit=0 as 'everything'; that must not slip through."""
+    with pytest.raises(GemvlabError, match="limit"):
+        evaluate_tasks(None, tokenizer, local_tasks, tmp_path / "tasks",
+                       limit=0, batch_size=1, max_length=MAX_LENGTH)

@@ -218,8 +218,12 @@ def evaluate_tasks(
 
     Uses the first `limit` items of each task (all if None). Returns a flat dict
     `lmeval/<name>/<metric>` (acc, acc_stderr, acc_norm, perplexity, ...) plus
-    `lmeval/<name>/chance` and `lmeval/<name>/n`, ready for logging.
+    `lmeval/<name>/chance` and `lmeval/<name>/n`, ready for logging. A stderr that lm-eval
+    cannot compute (n == 1, it reports "N/A") is left out.
     """
+    if limit is not None and limit < 1:
+        # lm-eval reads 0 as "no limit" and a float below 1 as a fraction of the data.
+        raise GemvlabError(f"lm-eval limit must be a positive item count or None, got {limit}")
     write_task_yamls(tasks, task_dir)
     import lm_eval
     from lm_eval.models.huggingface import HFLM

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gemvlab.errors import GemvlabError
@@ -78,9 +77,12 @@ def token_perplexity(model: torch.nn.Module, ids: torch.Tensor, *, context_lengt
         batch = torch.stack(rows).to(device)
         logits = model(batch).logits.float()
         check_finite(logits, progress or "perplexity")
-        logp = F.log_softmax(logits[:, :-1], dim=-1)
+        # log p(target) = logit(target) - logsumexp(logits): no full log-softmax in memory,
+        # which matters for Gemma's 262k-token vocabulary.
         targets = batch[:, 1:]
-        token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        shifted = logits[:, :-1]
+        token_logp = shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - \
+            torch.logsumexp(shifted, dim=-1)
         for row, w in enumerate(group):
             # Target at corpus position p sits at column p - begin + len(prefix) - 1.
             start = w.first_scored - w.begin + len(prefix) - 1

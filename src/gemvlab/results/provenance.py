@@ -54,7 +54,8 @@ def peak_rss_mb() -> float:
 def collect(seed: int | None) -> dict:
     import torch
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Results are outputs, not code: rewriting a committed table does not make a run dirty.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")
     gpu = None
     if torch.cuda.is_available():
         gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +45,7 @@ def perplexity_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> di
     return metrics
 
 
-def lm_eval_metrics(model, tokenizer, cfg: DictConfig, resources: Path,
-                    run_dir: Path) -> dict[str, float]:
+def lm_eval_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> dict[str, float]:
     from gemvlab.eval.lm_eval_adapter import default_tasks, evaluate_tasks
 
     lcfg = cfg.eval.lm_eval
@@ -55,10 +55,12 @@ def lm_eval_metrics(model, tokenizer, cfg: DictConfig, resources: Path,
     if unknown:
         raise GemvlabError(f"unknown lm-eval task(s) {unknown}: eval.lm_eval.tasks takes "
                            f"{sorted(available)}")
-    return evaluate_tasks(model, tokenizer, [available[t] for t in lcfg.tasks],
-                          run_dir / "lm_eval_tasks", limit=lcfg.limit,
-                          batch_size=int(lcfg.batch_size), max_length=int(lcfg.max_length),
-                          seed=int(cfg.seed))
+    # The task files hold absolute paths of this machine: keep them out of the run record.
+    with tempfile.TemporaryDirectory(prefix="gemvlab-lm-eval-") as task_dir:
+        return evaluate_tasks(model, tokenizer, [available[t] for t in lcfg.tasks],
+                              Path(task_dir), limit=lcfg.limit,
+                              batch_size=int(lcfg.batch_size),
+                              max_length=int(lcfg.max_length), seed=int(cfg.seed))
 
 
 @stage("evaluate")
@@ -85,7 +87,7 @@ def evaluate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         metrics["perplexity_s"] = round(time.perf_counter() - t1, 3)
         if cfg.eval.lm_eval.tasks:
             t2 = time.perf_counter()
-            metrics.update(lm_eval_metrics(model, tokenizer, cfg, resources, ctx.run_dir))
+            metrics.update(lm_eval_metrics(model, tokenizer, cfg, resources))
             metrics["lm_eval_s"] = round(time.perf_counter() - t2, 3)
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return metrics

