@@ -9,7 +9,7 @@ rule fetch_model:
     params:
         py=W.python,
         model=W.model_args,
-        common=W.common_args,
+        common=W.fetch_args,
         folder=lambda w: f"{W.resources}/models/{w.model}",
     conda:
         "../environment.yml"
@@ -29,7 +29,7 @@ rule fetch_data:
         f"{W.resources}/logs/fetch_data-{{dataset}}.log",
     params:
         py=W.python,
-        common=W.common_args,
+        common=W.fetch_args,
         folder=lambda w: f"{W.resources}/data/{w.dataset}",
     conda:
         "../environment.yml"

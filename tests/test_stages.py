@@ -127,3 +127,12 @@ execute("demo", slow, cfg, Path("{run_dir}"))
     proc.wait()
     assert not (run_dir / "metrics.json").exists()
     assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_multirun_sweep_writes_one_record_per_point(tmp_path):
+    proc = run_stage("fetch_model", "-m", "model=random-tiny-llama", "seed=1,2",
+                     f"paths.resources={tmp_path}/res", f"paths.results={tmp_path}/out")
+    assert proc.returncode == 0, proc.stderr
+    records = sorted((tmp_path / "out" / "adhoc" / "fetch_model").glob("*/metrics.json"))
+    assert [p.parent.name for p in records] == ["model=random-tiny-llama,seed=1",
+                                                "model=random-tiny-llama,seed=2"]

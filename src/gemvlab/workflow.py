@@ -6,6 +6,7 @@ Snakefile stays a thin list of rules.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Mapping
@@ -27,7 +28,8 @@ class Workflow:
     common: list[str]
     experiments: list[str]
     plan: dict[str, list[PlannedRun]] = field(default_factory=dict)
-    python: str = sys.executable
+    # The environment's interpreter, the same path whether snakemake ran as a script or -m.
+    python: str = os.path.join(sys.prefix, "bin", "python")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Workflow:
@@ -51,6 +53,11 @@ class Workflow:
     @property
     def common_args(self) -> str:
         return _quote(self.common)
+
+    @property
+    def fetch_args(self) -> str:
+        """Fetching ignores scale and results, so changing them never refetches a model."""
+        return _quote([f"paths.resources={self.resources}"])
 
     def run_ids_of(self, stage: str) -> str:
         """A regex matching exactly the run_ids of one stage (never-matching if none)."""
