@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,6 +12,23 @@ from gemvlab.errors import GemvlabError
 from gemvlab.results.records import atomic_write_json
 
 MANIFEST = "manifest.json"
+# A fetch stage's own run record shares the folder it builds; rebuilding keeps it.
+_RECORD_FILES = {"config.yaml", "metrics.json", "provenance.json", MANIFEST}
+
+
+def is_payload(path: Path) -> bool:
+    """True for a fetched file, false for the manifest, the run record and logs."""
+    return path.name not in _RECORD_FILES and not path.name.endswith(".log")
+
+
+def clear_folder(folder: Path) -> None:
+    """Empty a fetch folder for a rebuild; the manifest goes first, so a half-built folder
+    never looks usable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for path in folder.iterdir():
+        if is_payload(path):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

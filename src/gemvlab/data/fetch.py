@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,10 @@ from gemvlab.data import austen, olmo_eval
 from gemvlab.data.debian import apt_download, deb_members
 from gemvlab.data.splits import split_documents
 from gemvlab.errors import GemvlabError
-from gemvlab.manifest import MANIFEST, sha256_file, write_manifest
+from gemvlab.manifest import clear_folder, sha256_file, write_manifest
 from gemvlab.results.records import atomic_write_text
 
 log = logging.getLogger(__name__)
-_RECORD_FILES = {"config.yaml", "metrics.json", "provenance.json", MANIFEST}
 
 
 def data_dir(resources: Path, name: str) -> Path:
@@ -86,11 +84,7 @@ def fetch_dataset(cfg: Mapping[str, Any], resources: Path) -> dict:
         choices = " or data=".join(_BUILDERS)
         raise GemvlabError(f"dataset '{name}' has no builder: choose data={choices}")
     out = data_dir(resources, name)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    for stale in out.iterdir():
-        if stale.name not in _RECORD_FILES and not stale.name.endswith(".log"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    clear_folder(out)
     files, extra = _BUILDERS[name](cfg, out, resources / "downloads")
     meta = {"name": name, "source": cfg["source"], "package": cfg["package"],
             "package_version": cfg["package_version"], "license": cfg["license"], **extra}

