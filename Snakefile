@@ -8,7 +8,7 @@ W = Workflow.from_config(config)
 
 
 include: "rules/fetch.smk"
-include: "rules/evaluate.smk"
+include: "rules/stages.smk"
 include: "rules/report.smk"
 
 

@@ -43,8 +43,23 @@ class Workflow:
                   *extra]
         experiments = [e for e in str(config.get("experiments", "")).split(",") if e]
         wf = cls(scale, results, resources, common, experiments or experiment_ids())
-        wf.plan = {exp: plan_experiment(exp, common) for exp in wf.experiments}
+        wf.plan = {exp: [run for run in plan_experiment(exp, common) if wf.can_run(run)]
+                   for exp in wf.experiments}
         return wf
+
+    def can_run(self, run: PlannedRun) -> bool:
+        """A run that needs a CUDA GPU is planned only on one, or when its record exists.
+
+        So a CPU machine keeps the committed GPU results in its tables without trying to
+        redo them, and a fresh results folder on a CPU machine simply lacks those rows.
+        """
+        if run.config.get("bench", {}).get("device") != "cuda":
+            return True
+        if os.path.isfile(f"{self.results}/runs/{run.experiment}/{run.run_id}/metrics.json"):
+            return True
+        import torch
+
+        return torch.cuda.is_available()
 
     @property
     def runs(self) -> dict[tuple[str, str], PlannedRun]:
@@ -65,7 +80,10 @@ class Workflow:
         return "|".join(ids) if ids else "(?!x)x"
 
     def run_inputs(self, wildcards: Any) -> list[str]:
+        """A model and its eval datasets; a benchmark (random tensors) needs nothing."""
         run = self.runs[(wildcards.experiment, wildcards.run_id)]
+        if run.stage == "bench":
+            return []
         datasets = run.config.get("eval", {}).get("datasets", [])
         return [f"{self.resources}/models/{run.config['model']['name']}/manifest.json",
                 *(f"{self.resources}/data/{d}/manifest.json" for d in datasets)]

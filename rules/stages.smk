@@ -1,0 +1,30 @@
+# The run stages: one job per planned run, by the stage its experiment gives it. A run's
+# folder name is its run_id, so each rule's wildcard constraint matches only its own runs.
+
+for _stage in ("evaluate", "quantize", "bench"):
+
+    rule:
+        name:
+            _stage
+        input:
+            W.run_inputs,
+        output:
+            f"{W.results}/runs/{{experiment}}/{{run_id}}/metrics.json",
+        log:
+            f"{W.results}/runs/{{experiment}}/{{run_id}}/snakemake.log",
+        wildcard_constraints:
+            run_id=W.run_ids_of(_stage),
+        params:
+            py=W.python,
+            stage=_stage,
+            run=W.run_args,
+            run_dir=W.run_dir,
+        conda:
+            "../environment.yml"
+        threads: workflow.cores
+        resources:
+            mem_mb=8000,
+            runtime=60,
+        shell:
+            "{params.py} -m gemvlab.stages.{params.stage} {params.run} threads={threads} "
+            "hydra.run.dir={params.run_dir} > {log} 2>&1"

@@ -1,0 +1,87 @@
+"""Stage quantize: load a model, analyse it, quantize its linear layers, evaluate the result."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from gemvlab.errors import GemvlabError
+from gemvlab.results.provenance import peak_rss_mb
+from gemvlab.results.records import atomic_write_text
+from gemvlab.stage import StageContext, stage
+
+log = logging.getLogger(__name__)
+
+
+def outlier_metrics(model, tokenizer, cfg: DictConfig, resources: Path,
+                    run_dir: Path) -> dict[str, float]:
+    """Outlier features over calibration text; the per-layer dims go to outliers.json."""
+    from gemvlab.eval.suite import read_texts
+    from gemvlab.quant.outliers import collect_hits, outlier_report
+
+    acfg = cfg.analysis
+    docs = read_texts(resources / "data" / "austen" / "calibration.jsonl")
+    ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0][: int(acfg.tokens)]
+    seq = int(acfg.seq_len)
+    device = next(model.parameters()).device
+    batches = [ids[i: i + seq].unsqueeze(0).to(device) for i in range(0, len(ids), seq)]
+    hits, largest = collect_hits(model, batches, list(acfg.modules), float(acfg.threshold))
+    report = outlier_report(hits, float(acfg.min_layer_share), float(acfg.min_position_share))
+    atomic_write_text(run_dir / "outliers.json", json.dumps({
+        "threshold": float(acfg.threshold), "dims": report.dims,
+        "per_layer": report.per_layer}, indent=1) + "\n")
+    shown = report.dims[:16] + (["..."] if len(report.dims) > 16 else [])
+    log.info("%s: %d outlier features %s (layers %.0f%%, positions %.0f%%)", cfg.model.name,
+             len(report.dims), shown, 100 * report.layer_share, 100 * report.position_share)
+    return {"outlier_dims": len(report.dims),
+            "outlier_feature_share": len(report.dims) / report.hidden,
+            "outlier_layer_share": report.layer_share,
+            "outlier_position_share": report.position_share,
+            "hidden": report.hidden, "layers": report.layers, "positions": report.positions,
+            "max_abs_input": largest}
+
+
+def apply_method(model: torch.nn.Module, method: DictConfig) -> int:
+    """Quantize the model in place as the method config says; returns the layers changed."""
+    from gemvlab.quant.linear import Int8Scheme, quantize_linears
+
+    if method.kind == "none":
+        return 0
+    if method.kind != "int8":
+        raise GemvlabError(f"method.kind={method.kind} is unknown to the quantize stage: "
+                           "use none or int8")
+    scheme = Int8Scheme(act=str(method.act), weight=str(method.weight),
+                        zeropoint=bool(method.zeropoint), threshold=float(method.threshold))
+    return quantize_linears(model, scheme, list(method.skip))
+
+
+@stage("quantize")
+def quantize(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
+    from gemvlab.quant.linear import decomposition_share, weight_bytes
+
+    resources = Path(cfg.paths.resources)
+    t0 = time.perf_counter()
+    model, tokenizer = load_evaluated_model(cfg, resources)
+    metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
+    if cfg.analysis.name == "outliers":
+        metrics.update(outlier_metrics(model, tokenizer, cfg, resources, ctx.run_dir))
+    t1 = time.perf_counter()
+    metrics["layers_quantized"] = apply_method(model, cfg.method)
+    metrics["quantize_s"] = round(time.perf_counter() - t1, 3)
+    metrics.update(weight_bytes(model, list(cfg.method.skip)))
+    metrics.update(evaluation_metrics(model, tokenizer, cfg, resources))
+    share = decomposition_share(model)
+    if share is not None:
+        metrics["outlier_share_of_dims"] = share
+    metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return metrics
+
+
+if __name__ == "__main__":
+    quantize()
