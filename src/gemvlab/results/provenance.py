@@ -63,9 +63,10 @@ def collect(seed: int | None) -> dict:
                "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
     sha = _git("rev-parse", "HEAD")
     dirty = bool(status) if status is not None else None
-    if sha is None:
-        # A copy of the tree without .git (a GPU machine): the sender names its commit.
-        sha = os.environ.get("GEMVLAB_GIT_SHA")
+    if os.environ.get("GEMVLAB_GIT_SHA"):
+        # A copy of the tree sent to another machine (a GPU) whose .git, if any, is not the
+        # sender's: the sender names the commit it sent and whether the tree differed from it.
+        sha = os.environ["GEMVLAB_GIT_SHA"]
         dirty = {"0": False, "1": True}.get(os.environ.get("GEMVLAB_GIT_DIRTY", ""))
     return {
         "git_sha": sha,
