@@ -14,5 +14,5 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        f"{W.results}/CLAIMS.md",
+        W.targets,
     default_target: True

@@ -62,6 +62,16 @@ class Workflow:
         return torch.cuda.is_available()
 
     @property
+    def targets(self) -> list[str]:
+        """Everything the default job makes, listed in full: Snakemake (since 7.7) does not
+        rerun for a missing intermediate file once the final one exists, so a new experiment or
+        a deleted run record would otherwise go unnoticed behind an existing CLAIMS.md."""
+        runs = [f"{self.results}/runs/{exp}/{r.run_id}/metrics.json"
+                for exp, plan in self.plan.items() for r in plan]
+        tables = [f"{self.results}/tables/{exp}" for exp in self.experiments]
+        return [*runs, *tables, f"{self.results}/CLAIMS.md"]
+
+    @property
     def runs(self) -> dict[tuple[str, str], PlannedRun]:
         return {(r.experiment, r.run_id): r for runs in self.plan.values() for r in runs}
 

@@ -15,7 +15,10 @@ from gemvlab.stage import StageContext, stage
 
 log = logging.getLogger(__name__)
 
-_MEASURES = ("median_us", "p10_us", "p90_us", "gbps", "tflops", "rel_err", "weight_bytes")
+# median/p10/p90: device time per call with launches queued ahead (as under CUDA graphs);
+# eager_us: one call's host latency from an idle GPU, launch overhead included (CUDA only).
+_MEASURES = ("median_us", "p10_us", "p90_us", "eager_us", "gbps", "tflops", "rel_err",
+             "weight_bytes")
 
 
 def peak_gbps(device_name: str, table: dict) -> float | None:
@@ -50,7 +53,8 @@ def bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
             continue
         key = f"speed/{row['impl']}/{row['m']}x{row['k']}x{row['n']}"
         for measure in _MEASURES:
-            metrics[f"{key}/{measure}"] = float(row[measure])
+            if row.get(measure) is not None:
+                metrics[f"{key}/{measure}"] = float(row[measure])
         peak = peak_gbps(str(row.get("device_name", "")), dict(bcfg.peak_gbps))
         if peak:
             metrics[f"{key}/peak_share"] = float(row["gbps"]) / peak
