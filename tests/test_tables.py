@@ -215,3 +215,18 @@ def test_write_table_writes_csv_and_markdown(records, tmp_path: Path):
     head, table = text.split("\n\n", 2)[:2], text.split("\n\n", 2)[2]
     assert head == ["# Perplexity", "From results/runs."]
     assert len(parse_markdown(table)) == 2 + len(df)
+
+
+def test_where_keeps_rows_and_may_drop_runs_that_lack_a_column():
+    """One experiment's runs of two stages feed different tables: a bench run has no
+    method, and a table of quantize runs drops it by `where` before the lookup matters."""
+    recs = [Record("q1", {"stage": "quantize", "method": {"name": "int8"}}, {"ppl": 3.0}),
+            Record("q2", {"stage": "quantize", "method": {"name": "fp32"}}, {"ppl": 2.0}),
+            Record("b1", {"stage": "bench"}, {"us": 5.0})]
+    spec = {"columns": {"stage": "stage", "method": "method.name"}, "metrics": ["ppl"]}
+    df = build_table(recs, {**spec, "where": "stage == 'quantize'"})
+    assert list(df["run_id"]) == ["q2", "q1"] and list(df["ppl"]) == [2.0, 3.0]
+    with pytest.raises(GemvlabError, match="'method.name'.*run b1"):
+        build_table(recs, spec)
+    with pytest.raises(GemvlabError, match="does not apply"):
+        build_table(recs, {**spec, "where": "no_such_column == 1"})

@@ -90,27 +90,46 @@ def build_table(records: Sequence[Record], spec: Mapping) -> pd.DataFrame:
     if clashes:
         raise GemvlabError(f"table spec gives more than one column the name(s) {clashes}")
     df = _filtered(pd.DataFrame(rows, columns=order), spec.get("where"))
+    _check_no_missing(df)
     sort = spec.get("sort")
     by = [*columns, *placeholders] if sort is None else [str(name) for name in sort]
     return _sorted(df, by)
 
 
+class _Missing:
+    """A config path a run lacks; allowed only in rows the spec's `where` drops."""
+
+    def __init__(self, dotted: str) -> None:
+        self.dotted = dotted
+
+    def __repr__(self) -> str:
+        return f"<missing {self.dotted}>"
+
+
 def _config_values(record: Record, columns: Mapping) -> dict[str, Any]:
-    """Look up each dotted config path, so a typo fails loudly instead of giving NaN."""
-    values = {}
+    """Look up each dotted config path; a path the run lacks becomes a _Missing marker."""
+    values: dict[str, Any] = {}
     for name, dotted in columns.items():
         node: Any = record.config
         for part in str(dotted).split("."):
             if not isinstance(node, Mapping) or part not in node:
-                raise GemvlabError(
-                    f"config path {dotted!r} (column {name!r}) is missing in the config of run "
-                    f"{record.run_id}: fix the table spec"
-                )
+                node = _Missing(str(dotted))
+                break
             node = node[part]
         if isinstance(node, Mapping | list):
             raise GemvlabError(f"config path {dotted!r} of run {record.run_id} is not a scalar")
         values[str(name)] = node
     return values
+
+
+def _check_no_missing(df: pd.DataFrame) -> None:
+    """A config path missing in a row that stays is a spec typo: fail loudly, not with NaN."""
+    for name in df.columns:
+        for run, value in zip(df[RUN_ID], df[name], strict=True):
+            if isinstance(value, _Missing):
+                raise GemvlabError(
+                    f"config path {value.dotted!r} (column {name!r}) is missing in the config "
+                    f"of run {run}: fix the table spec (or its `where`)")
 
 
 def _wide_rows(
