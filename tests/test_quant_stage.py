@@ -62,17 +62,21 @@ def test_quantize_linears_skips_the_head_and_counts_bytes_by_hand():
 
 
 def test_outlier_report_by_hand():
-    # 4 layers, 10 positions, 5 dims. Dim 1 hits in layers 0 and 2 at positions 0..2 (30%);
-    # dim 3 hits in layer 1 only (25% of layers) at one position (10%): too rare a position.
+    # 4 layers, 10 positions, 5 dims (40 layer-position pairs). Dim 1 hits in layers 0 and 2,
+    # at positions 0..2 and 0..1: 5 of 40 pairs (12.5%), 3 positions in some layer (30%).
+    # Dim 3 hits once, in layer 1 only (25% of layers, 2.5% of pairs): too rare.
+    # Dim 4 hits every position of layer 3 only: 10 of 40 pairs, but 25% of layers.
     hits = torch.zeros(4, 10, 5, dtype=torch.bool)
     hits[0, :3, 1] = hits[2, :2, 1] = True
     hits[1, 4, 3] = True
-    report = outlier_report(hits, min_layer_share=0.25, min_position_share=0.2)
-    assert report.dims == [1]
-    assert report.layer_share == pytest.approx(0.5)
-    assert report.position_share == pytest.approx(0.3)
-    assert report.per_layer == [[1], [3], [1], []]
-    assert outlier_report(hits, 0.75, 0.0).dims == []
+    hits[3, :, 4] = True
+    report = outlier_report(hits, min_layer_share=0.25, min_position_share=0.1)
+    assert report.dims == [1, 4]
+    assert report.layer_share == pytest.approx(0.75)
+    assert report.position_share == pytest.approx(1.0)
+    assert report.per_layer == [[1], [3], [1], [4]]
+    assert outlier_report(hits, 0.5, 0.1).dims == [1]
+    assert outlier_report(hits, 0.25, 0.2).dims == [4]
 
 
 def test_collect_hits_finds_a_planted_outlier_dim():

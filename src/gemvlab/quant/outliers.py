@@ -32,13 +32,15 @@ def outlier_report(hits: Tensor, min_layer_share: float = 0.25,
     """hits [layers, positions, hidden] bool: |x| >= threshold at that layer input and position.
 
     A dim's layer share is the share of layers where it reaches the threshold at any position;
-    its position share is the share of positions where it does so in any layer.
+    its position share is the share of all sequence positions across all layers' hidden states
+    (layer, position pairs) where it does, as the paper words it. The report's own shares say
+    how many layers, and how many positions in any layer, some chosen dim reaches.
     """
     layers, positions, hidden = hits.shape
     in_layer = hits.any(dim=1)                          # [layers, hidden]
     at_position = hits.any(dim=0)                       # [positions, hidden]
     dim_layer_share = in_layer.float().mean(dim=0)      # [hidden]
-    dim_position_share = at_position.float().mean(dim=0)
+    dim_position_share = hits.float().mean(dim=(0, 1))
     chosen = (dim_layer_share >= min_layer_share) & (dim_position_share >= min_position_share)
     dims = torch.nonzero(chosen).flatten().tolist()
     layer_share = in_layer[:, chosen].any(dim=1).float().mean().item() if dims else 0.0
