@@ -33,6 +33,13 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     assert set(lm["task"]) == {"piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande",
                                "lambada"}
     assert (lm["n"] == 4).all()
+    # llm_int8: every method on both models, the outlier analysis, the CPU benchmark.
+    q = pd.read_csv(out / "tables" / "llm_int8" / "perplexity.csv")
+    assert len(q) == 14 and q["ppl_austen"].between(1, 10000).all()
+    assert (pd.read_csv(out / "tables" / "llm_int8" / "outliers.csv")["hidden"] > 0).all()
+    speed = pd.read_csv(out / "tables" / "llm_int8" / "speed.csv")
+    assert set(speed["device"]) == {"cpu"} and (speed["median_us"] > 0).all()
+    assert "| llm_int8_best_of_int8 |" in claims
     again = snakemake("-n", *config)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
