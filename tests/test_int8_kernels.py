@@ -59,15 +59,8 @@ def _case(m: int, k: int, n: int, dtype: torch.dtype, outliers: int,
     return x.to(dtype), quantize(w, per_row=True, zeropoint=False)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
-@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (7, 100, 37), (16, 4096, 512),
-                                   (33, 200, 130), (300, 1024, 700), (1, 1000, 4099),
-                                   (600, 256, 130)])
-@pytest.mark.parametrize("outliers", [0, 5])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_matches_reference(m: int, k: int, n: int, outliers: int,
-                                  dtype: torch.dtype) -> None:
-    pytest.importorskip("triton")
+def _check_against_reference(m: int, k: int, n: int, outliers: int,
+                             dtype: torch.dtype) -> None:
     from gemvlab.kernels.int8_triton import llm_int8_linear
 
     x, qw = _case(m, k, n, dtype, outliers, seed=m * k + n + outliers)
@@ -82,11 +75,64 @@ def test_triton_matches_reference(m: int, k: int, n: int, outliers: int,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
-def test_triton_bias_and_threshold_off() -> None:
+@pytest.mark.parametrize("m,k,n", [(1, 64, 48), (7, 100, 37), (16, 4096, 512),
+                                   (33, 200, 130), (300, 1024, 700), (1, 1000, 4099),
+                                   (600, 256, 130)])
+@pytest.mark.parametrize("outliers", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_matches_reference(m: int, k: int, n: int, outliers: int,
+                                  dtype: torch.dtype) -> None:
+    pytest.importorskip("triton")
+    _check_against_reference(m, k, n, outliers, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
+@pytest.mark.parametrize("m", [1, 2, 3, 6, 13, 16])
+@pytest.mark.parametrize("k,n", [(333, 77), (768, 40), (4096, 96)])
+@pytest.mark.parametrize("outliers", ["none", "few", "half", "all"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_decode_matches_reference(m: int, k: int, n: int, outliers: str,
+                                         dtype: torch.dtype) -> None:
+    """Decode sizes (M <= SMALL_M): ragged K and N, K off the 512-wide tile, and outlier lists
+    from empty to every column (then the int8 part is all zeros)."""
+    pytest.importorskip("triton")
+    count = {"none": 0, "few": 4, "half": k // 2, "all": k}[outliers]
+    _check_against_reference(m, k, n, count, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_codes_are_quantize_codes(m: int, dtype: torch.dtype) -> None:
+    """With W = 127 I and s_w = 1 the output is 127 s_x q_x, so every int8 code of x shows:
+    they must be those of ``quantize``, ties to even included (rows whose absmax is 127 have
+    s_x = 1, so x = j + 0.5 is a tie)."""
     pytest.importorskip("triton")
     from gemvlab.kernels.int8_triton import llm_int8_linear
 
-    x, qw = _case(24, 96, 40, torch.float16, 4, seed=1)
+    k = 64
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    x[::2, 1] = 127.0
+    x[:, 2:10] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 126.5, -125.5, 3.5])
+    x[:, 10] = 300.0  # the one outlier column at threshold 200
+    x = x.to(dtype)
+    regular = x.float().masked_fill(torch.arange(k) == 10, 0.0)
+    xq = quantize(regular, per_row=True, zeropoint=False)
+    q_w = (127 * torch.eye(k)).to(torch.int8)
+    y = llm_int8_linear(x.cuda(), q_w.cuda(), torch.ones(k).cuda(), 200.0).cpu().double()
+    codes = torch.round(y / (127 * xq.scale.double()))
+    codes[:, 10] = 0
+    assert torch.equal(codes.to(torch.int8), xq.q)
+    assert torch.equal(y[:, 10], (x[:, 10].double() * 127).to(dtype).double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels need CUDA")
+@pytest.mark.parametrize("m", [5, 24])
+def test_triton_bias_and_threshold_off(m: int) -> None:
+    pytest.importorskip("triton")
+    from gemvlab.kernels.int8_triton import llm_int8_linear
+
+    x, qw = _case(m, 96, 40, torch.float16, 4, seed=1)
     bias = torch.randn(40)
     ref = quantized_matmul(x, qw, per_row=True, zeropoint=False, threshold=None) + bias.double()
     out = llm_int8_linear(x.cuda(), qw.q.cuda(), qw.scale.cuda(), 0.0, bias=bias.cuda()).cpu()
