@@ -69,3 +69,16 @@ def test_dry_run_shows_the_whole_chain(tmp_path: Path):
 def test_lint_passes():
     proc = snakemake("--lint")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hub_models_are_planned_only_online(tmp_path: Path):
+    """At gpu scale llm_int8 adds OPT from the hub; offline (the default) they stay out."""
+    common = {"scale": "gpu", "experiments": "llm_int8", "results": str(tmp_path)}
+
+    def models(wf: Workflow) -> set[str]:
+        return {r.config["model"]["name"] for r in wf.plan["llm_int8"]}
+
+    offline = models(Workflow.from_config(common))
+    online = models(Workflow.from_config({**common, "overrides": "hub_online=true"}))
+    assert offline == {"smollm2-135m", "gemma3-270m"}
+    assert online == offline | {"facebook--opt-125m", "facebook--opt-1.3b", "facebook--opt-6.7b"}

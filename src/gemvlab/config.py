@@ -94,7 +94,8 @@ def expand_grid(grid: Mapping[str, Sequence]) -> list[tuple[str, ...]]:
 def plan_experiment(experiment: str, extra: Sequence[str] = ()) -> list[PlannedRun]:
     """Every run an experiment declares, resolved: the DAG's leaves and the tables' rows."""
     base = compose([f"experiment={experiment}", *extra])
-    grids = OmegaConf.to_container(base.experiment.runs, resolve=False)
+    # Resolved, so a grid may take its values from the config (a model list by scale).
+    grids = OmegaConf.to_container(base.experiment.runs, resolve=True)
     runs: list[PlannedRun] = []
     seen: set[str] = set()
     for grid in grids:

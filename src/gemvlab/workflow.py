@@ -48,14 +48,18 @@ class Workflow:
         return wf
 
     def can_run(self, run: PlannedRun) -> bool:
-        """A run that needs a CUDA GPU is planned only on one, or when its record exists.
+        """Plan a run only where it can run, or when its record exists already.
 
-        So a CPU machine keeps the committed GPU results in its tables without trying to
-        redo them, and a fresh results folder on a CPU machine simply lacks those rows.
+        A run that needs a CUDA GPU waits for a machine with one, and a hub model for
+        hub_online=true; so a CPU machine keeps committed GPU results in its tables without
+        trying to redo them, and an offline one leaves the hub's models out.
         """
-        if run.config.get("bench", {}).get("device") != "cuda":
-            return True
         if os.path.isfile(f"{self.results}/runs/{run.experiment}/{run.run_id}/metrics.json"):
+            return True
+        if run.stage != "bench" and run.config["model"].get("source") == "hub" \
+                and not run.config.get("hub_online"):
+            return False
+        if run.config.get("bench", {}).get("device") != "cuda":
             return True
         import torch
 
