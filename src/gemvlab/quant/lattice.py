@@ -1,0 +1,152 @@
+"""Lattice primitives of GLVQ (Zhang et al. 2025, "Learning Grouped Lattice Vector Quantizers for
+Low-Bit LLM Compression", arXiv 2510.20984).
+
+A group's codebook is the lattice {G z : z integer} of a d x d generation matrix G (d = 8 or 32).
+Weight vectors x [..., d] are encoded as integer codes z [..., d], each coordinate restricted to
+2**bits levels, and decoded by one matrix-vector product G z.
+
+From the paper (abstract): one learnable G per group, Babai rounding to approximate the nearest
+lattice point, decoding as a matrix-vector product. From the project's summary of the paper, not
+yet checked against its full text: mu-law companding per group with mu clipped to [10, 255],
+Cholesky initialisation of G, greedy coordinate descent as the ablation alternative to Babai.
+Ours: the code range, the moment matrix and scale in cholesky_init, and the bit accounting
+conventions (each documented where it is defined).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MU_MIN, MU_MAX = 10.0, 255.0
+
+
+def _common(x: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    """x and G in one floating dtype, so a solve or product never mixes precisions."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, G.dtype), torch.float32)
+    return x.to(dtype), G.to(dtype)
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """The 2**bits integer levels {-2**(bits-1) .. 2**(bits-1) - 1}, as for signed integers."""
+    if bits < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def clamp_codes(z: Tensor, bits: int) -> Tensor:
+    """Codes restricted to the 2**bits levels, so each coordinate costs exactly `bits` bits."""
+    lo, hi = code_range(bits)
+    return z.clamp(lo, hi)
+
+
+def lattice_point(z: Tensor, G: Tensor) -> Tensor:
+    """Decode: the lattice point G z for every code vector z [..., d] (one matvec per vector)."""
+    return z.to(G.dtype) @ G.mT
+
+
+def babai_round(x: Tensor, G: Tensor) -> Tensor:
+    """Babai rounding z = round(G^-1 x) [..., d] int64: exact nearest point only for orthogonal G.
+
+    G^-1 x comes from one LU solve over all vectors rather than an explicit inverse, which loses
+    accuracy when G is ill-conditioned. Codes are not clamped (see clamp_codes).
+    """
+    x, G = _common(x, G)
+    d = G.shape[-1]
+    coords = torch.linalg.solve(G, x.reshape(-1, d).mT).mT
+    return torch.round(coords).to(torch.int64).reshape(x.shape)
+
+
+def greedy_coordinate_descent(x: Tensor, G: Tensor, z0: Tensor, bits: int,
+                              sweeps: int = 2) -> Tensor:
+    """Codes improved from z0 by trying z_i +- 1 per coordinate, kept only if ||x - G z||^2 drops.
+
+    z0 is first clamped to the code range; from there every accepted move strictly lowers the
+    error, so the result is never worse than clamp_codes(z0, bits). Moving z_i by s changes the
+    error by ||g_i||^2 - 2 s <r, g_i> (r the residual, g_i column i of G), so only the sign of
+    <r, g_i> can help and the residual is updated in place instead of recomputed.
+    """
+    x, G = _common(x, G)
+    lo, hi = code_range(bits)
+    z = clamp_codes(z0, bits).to(torch.int64).clone()
+    r = x - lattice_point(z, G)
+    norms = (G * G).sum(dim=0)
+    for _ in range(sweeps):
+        for i in range(G.shape[-1]):
+            g = G[:, i]
+            corr = r @ g
+            step = torch.where(corr >= 0, 1, -1).to(torch.int64)
+            moved = z[..., i] + step
+            keep = (2 * corr.abs() > norms[i]) & (moved >= lo) & (moved <= hi)
+            step = step * keep
+            z[..., i] += step
+            r -= step.unsqueeze(-1).to(r.dtype) * g
+    return z
+
+
+def clip_mu(mu: Tensor) -> Tensor:
+    """mu limited to [10, 255]: below 10 companding does little, above 255 it flattens the tails."""
+    return mu.clamp(MU_MIN, MU_MAX)
+
+
+def mu_law(x: Tensor, mu: Tensor | float) -> Tensor:
+    """y = sign(x) ln(1 + mu |x|) / ln(1 + mu) for x in [-1, 1]: finer steps near zero.
+
+    mu broadcasts against x (one per group); it is used as given, clip it with clip_mu first.
+    """
+    mu = torch.as_tensor(mu, dtype=x.dtype, device=x.device)
+    return torch.sign(x) * torch.log1p(mu * x.abs()) / torch.log1p(mu)
+
+
+def mu_law_inverse(y: Tensor, mu: Tensor | float) -> Tensor:
+    """x = sign(y) ((1 + mu)^|y| - 1) / mu, the exact inverse of mu_law on [-1, 1]."""
+    mu = torch.as_tensor(mu, dtype=y.dtype, device=y.device)
+    return torch.sign(y) * torch.expm1(y.abs() * torch.log1p(mu)) / mu
+
+
+def cholesky_init(groups: Tensor, bits: int) -> Tensor:
+    """Initial G [d, d] (lower triangular) for weight vectors groups [n, d], already companded.
+
+    G = L * k / 2**(bits-1) with L L^T = groups^T groups / n + ridge and k = max |L^-1 x|, the
+    largest whitened (Mahalanobis) coordinate of the sample. Babai codes are then
+    z = round(L^-1 x / (k / 2**(bits-1))), each in [-2**(bits-1), 2**(bits-1)]: the sample
+    spans the code range, only the top level can clip, by one step. The lattice follows the
+    data's correlations, so the codes are spent where the data is.
+
+    Ours, not pinned down by what we read of the paper: the moment matrix is taken about the
+    origin, not the mean, because the lattice has no offset and must reach the data from 0;
+    the ridge (1e-6 of the mean diagonal) keeps the factor defined for rank-deficient samples
+    (n < d); k covers the sample maximum rather than a quantile.
+    """
+    x = groups.to(torch.promote_types(groups.dtype, torch.float32))
+    n, d = x.shape
+    moment = x.mT @ x / n
+    ridge = 1e-6 * moment.diagonal().mean().clamp(min=torch.finfo(x.dtype).tiny)
+    L = torch.linalg.cholesky(moment + ridge * torch.eye(d, dtype=x.dtype, device=x.device))
+    whitened = torch.linalg.solve_triangular(L, x.mT, upper=False)
+    k = whitened.abs().amax().clamp(min=torch.finfo(x.dtype).tiny)
+    return L * (k / 2 ** (bits - 1))
+
+
+def lattice_bits_per_weight(bits: int, d: int, group_size: int, rows: int, per_group_G: bool,
+                            G_bits: int = 16, mu_bits: int = 16, scale_bits: int = 16, *,
+                            cols: int | None = None) -> float:
+    """Stored bits per weight of a [rows, cols] layer, all overhead spread over the weights.
+
+    A group is `group_size` input columns over all `rows` rows (rows * group_size weights), cut
+    into d-dim vectors along each row. Counted: `bits` per weight for the codes; per group one
+    mu (mu_bits) and one scale (scale_bits); one full d x d G at G_bits per entry, either per
+    group or once per layer (then spread over rows * cols, so cols is needed). Not counted:
+    anything shared by all layers (code range, d, bit widths).
+    """
+    if group_size % d:
+        raise ValueError(f"group_size {group_size} is not a multiple of d {d}")
+    group_weights = rows * group_size
+    per_weight = bits + (mu_bits + scale_bits) / group_weights
+    G_total = d * d * G_bits
+    if per_group_G:
+        return per_weight + G_total / group_weights
+    if cols is None or cols % group_size:
+        raise ValueError(f"a shared G needs cols, a multiple of group_size; got {cols}")
+    return per_weight + G_total / (rows * cols)
+
