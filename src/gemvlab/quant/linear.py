@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from gemvlab.quant.int8 import QTensor, outlier_columns, quantize, quantized_matmul
+from gemvlab.quant.modules import is_skipped, replace_module
 
 
 @dataclass(frozen=True)
@@ -67,19 +68,13 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme}"
 
 
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    return any(name == s or name.endswith(f".{s}") for s in skip)
-
-
 def quantize_linears(model: nn.Module, scheme: Int8Scheme, skip: Iterable[str] = ()) -> int:
     """Swap every nn.Linear (but those named in skip) for an Int8Linear; returns the count."""
     skip = list(skip)
     targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and not _skipped(name, skip)]
+               if isinstance(mod, nn.Linear) and not is_skipped(name, skip)]
     for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(mod, scheme))
+        replace_module(model, name, Int8Linear(mod, scheme))
     return len(targets)
 
 
@@ -101,7 +96,7 @@ def weight_bytes(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, int]:
     skip = list(skip)
     linear = linear16 = model16 = 0
     for name, mod in model.named_modules():
-        if _skipped(name, skip):
+        if is_skipped(name, skip):
             continue
         if isinstance(mod, Int8Linear):
             linear += mod.weight_q.nbytes

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gemvlab.quant.modules import block_key
+
 
 @dataclass(frozen=True)
 class OutlierReport:
@@ -92,8 +94,7 @@ def _blocks(model: nn.Module, suffixes: Sequence[str]) -> list[list[nn.Module]]:
     """Watched modules grouped by layer: the path up to its first numeric part (layers.3)."""
     groups: dict[str, list[nn.Module]] = {}
     for name, mod in model.named_modules():
-        parts = name.split(".")
-        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-        if index is not None and parts[-1] in suffixes:
-            groups.setdefault(".".join(parts[: index + 1]), []).append(mod)
+        block = block_key(name)
+        if block is not None and name.rpartition(".")[2] in suffixes:
+            groups.setdefault(block, []).append(mod)
     return list(groups.values())

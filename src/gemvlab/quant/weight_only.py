@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from gemvlab.quant.gptq import accumulate_hessian
 from gemvlab.quant.groupwise import GroupQuant
+from gemvlab.quant.modules import block_key, is_skipped, replace_module
 
 # (layer name, weight [N, K], H [K, K] of its calibration inputs) -> codes
 Quantizer = Callable[[str, Tensor, Tensor], GroupQuant]
@@ -38,12 +39,8 @@ def _blocks(model: nn.Module, skip: Sequence[str]) -> list[list[tuple[str, nn.Li
     """The model's nn.Linear layers grouped by transformer block (path up to layers.<i>)."""
     groups: dict[str, list[tuple[str, nn.Linear]]] = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or any(name == s or name.endswith(f".{s}")
-                                                 for s in skip):
-            continue
-        parts = name.split(".")
-        index = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
-        groups.setdefault(".".join(parts[: index + 1]), []).append((name, mod))
+        if isinstance(mod, nn.Linear) and not is_skipped(name, skip):
+            groups.setdefault(block_key(name) or name, []).append((name, mod))
     return list(groups.values())
 
 
@@ -75,9 +72,7 @@ def quantize_weights(model: nn.Module, batches: Sequence[Tensor], quantizer: Qua
                 raise ValueError(f"layer {name} saw no calibration input: it is not on the "
                                  "forward path; add it to skip")
             done[name] = quantizer(name, mod.weight.detach().float(), h)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, GroupLinear(mod, done[name]))
+            replace_module(model, name, GroupLinear(mod, done[name]))
         if progress is not None:
             progress(block[0][0])
     return done
