@@ -21,7 +21,7 @@ for _stage in ("evaluate", "quantize", "bench"):
             run_dir=W.run_dir,
         conda:
             "../environment.yml"
-        threads: workflow.cores
+        threads: W.run_threads
         resources:
             mem_mb=8000,
             runtime=60,

@@ -91,8 +91,8 @@ def test_bits_per_weight_act_order(n: int, k: int, extra: float) -> None:
 
 
 def test_hessian_and_accumulation() -> None:
-    x = torch.randn(2, 10, 6)
-    flat = x.reshape(20, 6).double()
+    x = torch.randn(2, 10, 6, dtype=torch.float64)  # float64 in: exact to rounding
+    flat = x.reshape(20, 6)
     assert torch.allclose(hessian(x), 2 / 20 * flat.t() @ flat)
     h, count = None, 0
     for chunk in (x[0, :3], x[0, 3:], x[1]):

@@ -18,7 +18,6 @@ from gemvlab.quant.lattice import (
     clip_mu,
     code_range,
     greedy_coordinate_descent,
-    lattice_bits_per_weight,
     lattice_point,
     mu_law,
     mu_law_inverse,
@@ -206,25 +205,3 @@ def test_cholesky_lattice_beats_identity_on_correlated_data():
     x = correlated(4096, 8, 0.9, torch.logspace(0, -1, 8, dtype=F64), seed=0)
     G, B = cholesky_init(x, bits), identity_baseline(x, bits)
     assert quant_error(x, G, bits) < 0.8 * quant_error(x, B, bits)
-
-
-# --- bit accounting -------------------------------------------------------------------------
-
-def test_bits_per_weight_hand_computed():
-    # 2-bit, d = 8, groups of 128 columns x 4096 rows = 524288 weights; per group one 8x8 G at
-    # 16 bits (1024 bits) + mu + scale (32 bits): 2 + 1056 / 524288.
-    assert lattice_bits_per_weight(2, 8, 128, 4096, True) == 2 + 1056 / 524288
-    # 3-bit, d = 32, tiny groups 64 x 64 = 4096 weights: 32*32*16 = 16384 bits of G dominate:
-    # 3 + 16416 / 4096 = 7.0078125.
-    assert lattice_bits_per_weight(3, 32, 64, 64, True) == 7.0078125
-    # One G for a 256 x 512 layer: 2 + 1024 / 131072 (G) + 32 / 32768 (mu, scale per group).
-    assert lattice_bits_per_weight(2, 8, 128, 256, False, cols=512) == 2.0087890625
-    # 8-bit G entries, no mu: 4 + (64 * 8 + 16) / (16 * 64).
-    assert lattice_bits_per_weight(4, 8, 64, 16, True, G_bits=8, mu_bits=0) == 4 + 528 / 1024
-
-
-def test_bits_per_weight_rejects_inconsistent_shapes():
-    with pytest.raises(ValueError):
-        lattice_bits_per_weight(2, 8, 100, 64, True)  # 100 columns do not split into d = 8
-    with pytest.raises(ValueError):
-        lattice_bits_per_weight(2, 8, 128, 64, False)  # shared G needs the layer's cols

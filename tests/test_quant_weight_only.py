@@ -48,3 +48,63 @@ def test_group_linear_matches_its_dequantized_weight():
     layer = GroupLinear(linear, quant)
     x = torch.randn(5, 32)
     torch.testing.assert_close(layer(x), x @ quant.dequantize().t() + linear.bias)
+
+
+class _Exact:
+    """Codes that are the weight itself: calibration then changes nothing in the model."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.codes = w
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes
+
+    def bits_per_weight(self) -> float:
+        return 32.0
+
+
+def _tiny_gemma3() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=128)
+    return transformers.Gemma3ForCausalLM(config).float().eval()
+
+
+@pytest.mark.parametrize("make", [lambda: make_llama(vocab_size=40, seed=3), _tiny_gemma3])
+def test_cached_block_inputs_give_the_hessians_of_a_full_forward(make):
+    # Gemma 3 mixes sliding-window and full attention: each block gets its own mask, so
+    # replaying one block's kwargs for all would change every second block's Hessians.
+    model = make()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 40, (2, 24), generator=gen) for _ in range(3)]
+    expected: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            def hook(_m, args, name=name):
+                expected.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
+            handles.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        ref = [model(input_ids=ids).logits for ids in calib]
+    for h in handles:
+        h.remove()
+    seen: dict[str, torch.Tensor] = {}
+
+    def exact(name, w, h):
+        seen[name] = h
+        return _Exact(w)
+
+    quantize_weights(model, calib, exact)
+    assert set(seen) == set(expected)
+    for name, xs in expected.items():
+        x = torch.cat(xs).double()
+        # Each batch product runs in float32 (hessian()), the mean over batches in float64.
+        torch.testing.assert_close(seen[name], 2 / x.shape[0] * x.t() @ x, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        for ids, logits in zip(calib, ref, strict=True):
+            torch.testing.assert_close(model(input_ids=ids).logits, logits)

@@ -105,6 +105,12 @@ class Workflow:
     def run_args(self, wildcards: Any) -> str:
         return _quote(self.runs[(wildcards.experiment, wildcards.run_id)].overrides)
 
+    def run_threads(self, wildcards: Any) -> int:
+        """A job's threads: experiment.job_threads where the experiment sets it (then several
+        jobs share the cores), else every core (snakemake caps it at --cores)."""
+        run = self.runs[(wildcards.experiment, wildcards.run_id)]
+        return int(run.config["experiment"].get("job_threads") or os.cpu_count() or 1)
+
     def run_dir(self, wildcards: Any) -> str:
         return f"{self.results}/runs/{wildcards.experiment}/{wildcards.run_id}"
 

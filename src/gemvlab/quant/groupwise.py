@@ -61,6 +61,11 @@ class GroupQuant:
         if self.perm is not None and tuple(self.perm.shape) != (k,):
             raise ValueError(f"perm must have K={k} entries, got {list(self.perm.shape)}")
 
+    def rows(self, start: int, stop: int) -> GroupQuant:
+        """The codes of rows start..stop-1: layers quantized together split back apart."""
+        return GroupQuant(self.codes[start:stop], self.scale[start:stop], self.zero[start:stop],
+                          self.bits, self.group_size, self.perm)
+
     def dequantize(self) -> Tensor:
         """W_hat [N, K] float32 in the original column order (exact: fp16 scale x small int)."""
         scale = self.scale.float().repeat_interleave(self.group_size, dim=1)
@@ -87,6 +92,16 @@ class GroupQuant:
         return total
 
 
+def round_up_half(exact: Tensor) -> Tensor:
+    """The smallest float16 >= each (finite, positive) value: a stored scale never shrinks the
+    range it must cover."""
+    half = exact.half()
+    if not torch.isfinite(half).all():
+        raise ValueError("a scale does not fit float16 (inf/nan weights?)")
+    return torch.where(half.double() < exact.double(),
+                       torch.nextafter(half, torch.full_like(half, torch.inf)), half)
+
+
 def group_params(w_group: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Scale (float16 [N, 1]) and zero point (uint8 [N, 1]) of one group w_group [N, g].
 
@@ -98,13 +113,8 @@ def group_params(w_group: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     w = w_group.double()
     lo = w.amin(dim=1, keepdim=True).clamp(max=0.0)
     hi = w.amax(dim=1, keepdim=True).clamp(min=0.0)
-    exact = ((hi - lo) / maxq).clamp(min=_MIN_SCALE)
-    scale = exact.half()
-    if not torch.isfinite(scale).all():
-        raise ValueError("group range does not fit a float16 scale (inf/nan weights?)")
-    # Round up so that maxq * scale >= max - min: every weight then lies inside the grid.
-    scale = torch.where(scale.double() < exact,
-                        torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+    # Rounded up so that maxq * scale >= max - min: every weight then lies inside the grid.
+    scale = round_up_half(((hi - lo) / maxq).clamp(min=_MIN_SCALE))
     zero = torch.round(-lo / scale.double()).clamp(0, maxq).to(torch.uint8)
     return scale, zero
 

@@ -9,8 +9,8 @@ From the paper (abstract): one learnable G per group, Babai rounding to approxim
 lattice point, decoding as a matrix-vector product. From the project's summary of the paper, not
 yet checked against its full text: mu-law companding per group with mu clipped to [10, 255],
 Cholesky initialisation of G, greedy coordinate descent as the ablation alternative to Babai.
-Ours: the code range, the moment matrix and scale in cholesky_init, and the bit accounting
-conventions (each documented where it is defined).
+Ours: the code range and the moment matrix and scale in cholesky_init (documented where they
+are defined). Bit accounting is LatticeQuant.bits_per_weight in glvq.py.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def mu_law_inverse(y: Tensor, mu: Tensor | float) -> Tensor:
 
 
 def cholesky_init(groups: Tensor, bits: int) -> Tensor:
-    """Initial G [d, d] (lower triangular) for weight vectors groups [n, d], already companded.
+    """Initial G [..., d, d] (lower triangular) for weight vectors groups [..., n, d], already
+    companded; leading dims are independent groups.
 
     G = L * k / 2**(bits-1) with L L^T = groups^T groups / n + ridge and k = max |L^-1 x|, the
     largest whitened (Mahalanobis) coordinate of the sample. Babai codes are then
@@ -119,34 +120,12 @@ def cholesky_init(groups: Tensor, bits: int) -> Tensor:
     (n < d); k covers the sample maximum rather than a quantile.
     """
     x = groups.to(torch.promote_types(groups.dtype, torch.float32))
-    n, d = x.shape
+    n, d = x.shape[-2:]
     moment = x.mT @ x / n
-    ridge = 1e-6 * moment.diagonal().mean().clamp(min=torch.finfo(x.dtype).tiny)
-    L = torch.linalg.cholesky(moment + ridge * torch.eye(d, dtype=x.dtype, device=x.device))
+    tiny = torch.finfo(x.dtype).tiny
+    ridge = 1e-6 * moment.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=tiny)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    L = torch.linalg.cholesky(moment + ridge[..., None, None] * eye)
     whitened = torch.linalg.solve_triangular(L, x.mT, upper=False)
-    k = whitened.abs().amax().clamp(min=torch.finfo(x.dtype).tiny)
-    return L * (k / 2 ** (bits - 1))
-
-
-def lattice_bits_per_weight(bits: int, d: int, group_size: int, rows: int, per_group_G: bool,
-                            G_bits: int = 16, mu_bits: int = 16, scale_bits: int = 16, *,
-                            cols: int | None = None) -> float:
-    """Stored bits per weight of a [rows, cols] layer, all overhead spread over the weights.
-
-    A group is `group_size` input columns over all `rows` rows (rows * group_size weights), cut
-    into d-dim vectors along each row. Counted: `bits` per weight for the codes; per group one
-    mu (mu_bits) and one scale (scale_bits); one full d x d G at G_bits per entry, either per
-    group or once per layer (then spread over rows * cols, so cols is needed). Not counted:
-    anything shared by all layers (code range, d, bit widths).
-    """
-    if group_size % d:
-        raise ValueError(f"group_size {group_size} is not a multiple of d {d}")
-    group_weights = rows * group_size
-    per_weight = bits + (mu_bits + scale_bits) / group_weights
-    G_total = d * d * G_bits
-    if per_group_G:
-        return per_weight + G_total / group_weights
-    if cols is None or cols % group_size:
-        raise ValueError(f"a shared G needs cols, a multiple of group_size; got {cols}")
-    return per_weight + G_total / (rows * cols)
-
+    k = whitened.abs().amax((-2, -1)).clamp(min=tiny)
+    return L * (k / 2 ** (bits - 1))[..., None, None]

@@ -46,24 +46,75 @@ def outlier_metrics(model, tokenizer, cfg: DictConfig, resources: Path,
             "max_abs_input": largest}
 
 
-def apply_method(model: torch.nn.Module, method: DictConfig) -> int:
-    """Quantize the model in place as the method config says; returns the layers changed."""
-    from gemvlab.quant.linear import Int8Scheme, quantize_linears
+def calibration_batches(tokenizer, cfg: DictConfig, resources: Path,
+                        device: torch.device) -> list[torch.Tensor]:
+    """The first method.calibration.tokens tokens of the Austen calibration split, in
+    sequences of method.calibration.seq_len."""
+    from gemvlab.eval.suite import read_texts
 
-    if method.kind == "none":
-        return 0
-    if method.kind != "int8":
+    ccfg = cfg.method.calibration
+    docs = read_texts(resources / "data" / "austen" / "calibration.jsonl")
+    ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
+    tokens, seq = int(ccfg.tokens), int(ccfg.seq_len)
+    if len(ids) < tokens or tokens < seq:
+        raise GemvlabError(f"method.calibration.tokens={tokens} must be between seq_len={seq} "
+                           f"and the {len(ids)} tokens of the calibration split")
+    return [ids[i: i + seq].unsqueeze(0).to(device) for i in range(0, tokens - seq + 1, seq)]
+
+
+def weight_only_metrics(model: torch.nn.Module, tokenizer, cfg: DictConfig,
+                        resources: Path) -> dict[str, float]:
+    """Quantize the weights with method.kind rtn/gptq/glvq; bits per weight as stored."""
+    from omegaconf import OmegaConf
+    from tqdm.auto import tqdm
+
+    from gemvlab.quant.recipes import weight_quantizer
+    from gemvlab.quant.weight_only import bits_per_weight, quantize_weights
+
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    quantizer = weight_quantizer(method)
+    if method["kind"] == "rtn":
+        batches = [torch.zeros(1, 1, dtype=torch.long)]  # RTN reads no inputs: one token
+        tokens = 0
+    else:
+        batches = calibration_batches(tokenizer, cfg, resources,
+                                      next(model.parameters()).device)
+        tokens = sum(b.numel() for b in batches)
+    bar = tqdm(desc=f"{cfg.method.name} blocks", unit="block")
+    quants = quantize_weights(model, batches, quantizer, list(cfg.method.skip),
+                              progress=lambda _path: bar.update())
+    bar.close()
+    weights = sum(q.codes.numel() for q in quants.values())
+    bpw = bits_per_weight(quants)
+    return {"layers_quantized": len(quants), "calibration_tokens": tokens,
+            "bits_per_weight": bpw, "quantized_weights": weights,
+            "linear_bytes": bpw * weights / 8}
+
+
+def apply_method(model: torch.nn.Module, tokenizer, cfg: DictConfig,
+                 resources: Path) -> dict[str, float]:
+    """Quantize the model in place as the method config says; returns its metrics."""
+    from gemvlab.quant.linear import Int8Scheme, quantize_linears, weight_bytes
+    from gemvlab.quant.recipes import WEIGHT_ONLY
+
+    method = cfg.method
+    if method.kind in WEIGHT_ONLY:
+        return weight_only_metrics(model, tokenizer, cfg, resources)
+    if method.kind not in ("none", "int8"):
         raise GemvlabError(f"method.kind={method.kind} is unknown to the quantize stage: "
-                           "use none or int8")
-    scheme = Int8Scheme(act=str(method.act), weight=str(method.weight),
-                        zeropoint=bool(method.zeropoint), threshold=float(method.threshold))
-    return quantize_linears(model, scheme, list(method.skip))
+                           f"use none, int8 or one of {WEIGHT_ONLY}")
+    layers = 0
+    if method.kind == "int8":
+        scheme = Int8Scheme(act=str(method.act), weight=str(method.weight),
+                            zeropoint=bool(method.zeropoint), threshold=float(method.threshold))
+        layers = quantize_linears(model, scheme, list(method.skip))
+    return {"layers_quantized": layers, **weight_bytes(model, list(method.skip))}
 
 
 @stage("quantize")
 def quantize(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
-    from gemvlab.quant.linear import decomposition_share, weight_bytes
+    from gemvlab.quant.linear import decomposition_share
 
     resources = Path(cfg.paths.resources)
     t0 = time.perf_counter()
@@ -72,9 +123,8 @@ def quantize(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     if cfg.analysis.name == "outliers":
         metrics.update(outlier_metrics(model, tokenizer, cfg, resources, ctx.run_dir))
     t1 = time.perf_counter()
-    metrics["layers_quantized"] = apply_method(model, cfg.method)
+    metrics.update(apply_method(model, tokenizer, cfg, resources))
     metrics["quantize_s"] = round(time.perf_counter() - t1, 3)
-    metrics.update(weight_bytes(model, list(cfg.method.skip)))
     metrics.update(evaluation_metrics(model, tokenizer, cfg, resources))
     share = decomposition_share(model)
     if share is not None:
