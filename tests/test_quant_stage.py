@@ -156,3 +156,35 @@ def test_bench_stage_on_cuda_without_a_gpu_says_so(tmp_path):
                      f"paths.results={tmp_path}")
     assert proc.returncode == 1
     assert "needs a CUDA GPU" in proc.stderr.strip().splitlines()[-1]
+
+
+def _weight_only(tree, *overrides: str) -> dict:
+    run = tree["results"] / "_".join(o.replace("=", "-") for o in overrides)
+    proc = run_stage("quantize", "experiment=glvq", *tiny_overrides(tree), *overrides,
+                     f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "glvq"])
+def test_quantize_stage_weight_only_methods(quant_tree, method):
+    calib = [] if method == "rtn" else ["method.calibration.tokens=64",
+                                        "method.calibration.seq_len=32"]
+    extra = ["method.steps=2"] if method == "glvq" else []
+    fp32 = _weight_only(quant_tree, "method=fp32", "+method.bits=32")
+    four = _weight_only(quant_tree, f"method={method}", "method.bits=4", "method.group_size=16",
+                        *calib, *extra)
+    # Per block q 32x32, k and v 16x32, o 32x32, gate and up 64x32, down 32x64: 9216 weights.
+    assert four["layers_quantized"] == 14 and four["quantized_weights"] == 2 * 9216
+    assert four["calibration_tokens"] == (0 if method == "rtn" else 64)
+    if method != "glvq":  # 4-bit codes, an fp16 scale and a 4-bit zero point per 16 weights
+        assert four["bits_per_weight"] == pytest.approx(4 + 20 / 16)
+    assert four["linear_bytes"] == pytest.approx(four["bits_per_weight"] * 2 * 9216 / 8)
+    assert abs(four["ppl_austen"] / fp32["ppl_austen"] - 1) < 0.05
+
+
+def test_quantize_stage_refuses_more_calibration_than_the_split_has(quant_tree):
+    proc = run_stage("quantize", "experiment=glvq", *tiny_overrides(quant_tree), "method=gptq",
+                     "method.group_size=16", "method.calibration.tokens=100000")
+    assert proc.returncode == 1
+    assert "method.calibration.tokens=100000" in proc.stderr.strip().splitlines()[-1]

@@ -50,8 +50,8 @@ COMPANDINGS = ("group", "global", "none")
 ROUNDINGS = ("babai", "greedy")
 # Starting points searched before training: mu, and k as a share of the largest whitened
 # coordinate (the whole sample inside the code range at 1.0).
-_MU_STARTS = (10.0, 40.0, 160.0)
-_RANGE_SHARES = (0.25, 0.35, 0.5, 0.7, 1.0)
+_MU_STARTS = (10.0, 40.0)
+_RANGE_SHARES = (0.3, 0.45, 0.65, 1.0)
 FEEDBACK_COLS = 8
 
 
