@@ -79,7 +79,7 @@ def test_codes_stay_in_range_and_round_trip_error_falls_with_bits(bits):
         seg = q.codes[:, grp * 16:(grp + 1) * 16]
         assert int(seg.min()) >= -(2 ** (b - 1)) and int(seg.max()) <= 2 ** (b - 1) - 1
     rel = output_error(w, H, q.dequantize()) / output_error(w, H, torch.zeros_like(w))
-    # Measured (seed 1): 0.142, 0.038, 0.008 at 2, 3, 4 bits.
+    # Measured (seed 1): 0.147, 0.038, 0.008 at 2, 3, 4 bits.
     assert rel < {2: 0.2, 3: 0.06, 4: 0.02}[bits]
 
 

@@ -1,14 +1,19 @@
-"""Stage bench: linear-layer speed of the int8 implementations against a dense layer.
+"""Stage bench: linear-layer speed of the int8 implementations against a dense layer
+(``kind: int8``, the default), or of the packed RTN and GLVQ decode GEMVs (``kind: lattice``).
 
 A benchmark writes results (medians over repeats, ratios from one run); it is never a timed
-test. Metrics are ``speed/<impl>/<M>x<K>x<N>/<measure>``.
+test. Metrics are ``speed/<impl>/<M>x<K>x<N>/<measure>`` (int8) and, for lattice,
+``speed/<impl>/<bits>b/<M>x<K>x<N>/<measure>``, ``tokens_per_s/<impl>/<bits>b`` and the ratios
+``decode_ratio/glvq_over_rtn/<bits>b/<M>x<K>x<N>`` (median times) and
+``tokens_ratio/glvq_over_rtn/<bits>b`` (tokens/s).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gemvlab.errors import GemvlabError
 from gemvlab.stage import StageContext, stage
@@ -36,9 +41,15 @@ def bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     bcfg = cfg.bench
     if bcfg.name == "none":
         raise GemvlabError("bench=none: pick a benchmark, e.g. bench=int8_cpu or bench=int8_gpu")
+    kind = bcfg.get("kind", "int8")
+    if kind not in ("int8", "lattice"):
+        raise GemvlabError(f"bench.kind={kind} is unknown: use int8 or lattice")
     if bcfg.device == "cuda" and not torch.cuda.is_available():
+        here = "bench=int8_cpu" if kind == "int8" else "bench=glvq_cpu"
         raise GemvlabError(f"bench={bcfg.name} needs a CUDA GPU and torch sees none: run it on a "
-                           "GPU machine (profile gpu), or bench=int8_cpu here")
+                           f"GPU machine (profile gpu), or {here} here")
+    if kind == "lattice":
+        return lattice_metrics(bcfg, int(cfg.seed))
     rows = benchmark_linears([tuple(int(d) for d in s) for s in bcfg.shapes], list(bcfg.impls),
                              device=str(bcfg.device), dtype=torch_dtype(bcfg.dtype),
                              threshold=float(bcfg.threshold), outlier_dims=int(bcfg.outlier_dims),
@@ -60,6 +71,55 @@ def bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
             metrics[f"{key}/peak_share"] = float(row["gbps"]) / peak
     if peak:
         metrics["peak_gbps"] = peak
+    return metrics
+
+
+def _speed_metrics(rows: list[dict[str, Any]], peaks: dict) -> dict[str, float]:
+    """Layer rows as ``speed/<impl>/<bits>b/<shape>/<measure>``, and the GLVQ/RTN time ratio."""
+    metrics: dict[str, float] = {}
+    medians: dict[tuple[str, int, str], float] = {}
+    for row in rows:
+        shape = f"{row['m']}x{row['k']}x{row['n']}"
+        key = f"speed/{row['impl']}/{row['bits']}b/{shape}"
+        for measure in _MEASURES:
+            if row.get(measure) is not None:
+                metrics[f"{key}/{measure}"] = float(row[measure])
+        peak = peak_gbps(str(row["device_name"]), peaks)
+        if peak:
+            metrics[f"{key}/peak_share"] = float(row["gbps"]) / peak
+            metrics["peak_gbps"] = peak
+        medians[row["impl"], row["bits"], shape] = float(row["median_us"])
+    for (impl, bits, shape), median in medians.items():
+        if impl == "glvq" and ("rtn", bits, shape) in medians:
+            metrics[f"decode_ratio/glvq_over_rtn/{bits}b/{shape}"] = (
+                median / medians["rtn", bits, shape])
+    return metrics
+
+
+def lattice_metrics(bcfg: DictConfig, seed: int) -> dict[str, float]:
+    """Decode GEMV per layer shape and tokens/s of the whole model, RTN vs GLVQ at equal bits."""
+    from gemvlab.kernels.decode_bench import benchmark_decode, benchmark_model_decode
+    from gemvlab.models.load import torch_dtype
+
+    dtype = torch_dtype(bcfg.dtype)
+    common = dict(device=str(bcfg.device), dtype=dtype, d=int(bcfg.d),
+                  group_size=int(bcfg.group_size), seed=seed)
+    bits = [int(b) for b in bcfg.bits]
+    rows = benchmark_decode([tuple(int(d) for d in s) for s in bcfg.shapes], bits,
+                            list(bcfg.impls), warmup=int(bcfg.warmup), repeats=int(bcfg.repeats),
+                            quantize_max_weights=int(bcfg.quantize_max_weights), **common)
+    metrics = _speed_metrics(rows, dict(bcfg.peak_gbps))
+    mcfg = bcfg.model
+    tokens: dict[tuple[str, int], float] = {}
+    for row in benchmark_model_decode(
+            str(mcfg.model_type), OmegaConf.to_container(mcfg.shape), bits, list(bcfg.impls),
+            prompt_tokens=int(mcfg.prompt_tokens), new_tokens=int(mcfg.new_tokens),
+            warmup=int(mcfg.warmup), repeats=int(mcfg.repeats), **common):
+        tokens[row["impl"], row["bits"]] = float(row["tokens_per_s"])
+        metrics[f"tokens_per_s/{row['impl']}/{row['bits']}b"] = float(row["tokens_per_s"])
+    for (impl, b), rate in tokens.items():
+        if impl == "glvq" and ("rtn", b) in tokens:
+            metrics[f"tokens_ratio/glvq_over_rtn/{b}b"] = rate / tokens["rtn", b]
     return metrics
 
 
