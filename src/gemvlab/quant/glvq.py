@@ -52,7 +52,6 @@ ROUNDINGS = ("babai", "greedy")
 # coordinate (the whole sample inside the code range at 1.0).
 _MU_STARTS = (10.0, 40.0)
 _RANGE_SHARES = (0.3, 0.45, 0.65, 1.0)
-FEEDBACK_COLS = 8
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class GLVQConfig:
     companding: str = "group"     # group: one mu per group; global: one per layer; none
     rounding: str = "babai"       # babai, or greedy coordinate descent from the zero code
     salience_share: float = 0.25  # groups at bits+1 (and as many at bits-1); 0: uniform bits
-    steps: int = 10
+    steps: int = 6
     lr: float = 0.01
     frobenius: float = 0.01
     damp: float = 0.01
@@ -300,7 +299,7 @@ def glvq_quantize(w: Tensor, H: Tensor, cfg: GLVQConfig) -> LatticeQuant:
     codes = torch.empty(n, k, dtype=torch.int8)
     scales = torch.empty(n, groups, dtype=torch.float16)
     d, g = cfg.d, cfg.group_size
-    c = max(d, FEEDBACK_COLS)
+    c = d  # columns encoded together: one d-vector per row
     for q in range(groups):
         g0, g1 = q * g, (q + 1) * g
         scales[:, q] = row_scales(W[:, g0:g1], g)[:, 0]
