@@ -97,6 +97,7 @@ def test_high_bits_round_trip_is_near_exact():
     ({"companding": "none"}, 4, None),
     ({"rounding": "greedy"}, 4, 4),
     ({"d": 16}, 4, 4),
+    ({"learn_rows": 16}, 4, 4),  # G and mu learned on 16 of 48 rows; every row is encoded
 ])
 def test_every_ablation_knob_runs_and_shapes_the_codes(knobs, G_count, mu_count):
     w, H = layer(seed=3)

@@ -66,6 +66,7 @@ class GLVQConfig:
     rounding: str = "babai"       # babai, or greedy coordinate descent from the zero code
     salience_share: float = 0.25  # groups at bits+1 (and as many at bits-1); 0: uniform bits
     steps: int = 6
+    learn_rows: int = 256         # rows sampled for learning G and mu (all rows are encoded)
     lr: float = 0.01
     frobenius: float = 0.01
     damp: float = 0.01
@@ -204,7 +205,12 @@ def learn_lattices(w: Tensor, H: Tensor, bits: Tensor,
     moments and k a share of their largest whitened coordinate; the (mu, k) pair of least loss
     is kept, per group (or per layer where G or mu are shared). Then Adam moves
     G = G_start + r P (r the rms entry of G_start, so the step size is relative) and log mu.
+    The loss is summed over rows, so a seeded sample of cfg.learn_rows rows estimates it: G
+    has d*d entries, and 256 rows of a group give it 256 * g/d vectors to fit.
     """
+    if w.shape[0] > cfg.learn_rows:
+        rows = torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))
+        w = w[rows[:cfg.learn_rows].sort().values]
     n, k = w.shape
     groups = k // cfg.group_size
     W = w.float()

@@ -15,7 +15,7 @@ from gemvlab.quant.weight_only import Quantizer
 
 WEIGHT_ONLY = ("rtn", "gptq", "glvq")
 _GLVQ_KEYS = ("bits", "d", "group_size", "lattice", "companding", "rounding", "salience_share",
-              "steps", "lr", "frobenius", "damp")
+              "steps", "learn_rows", "lr", "frobenius", "damp")
 
 
 class _RowwiseQuantizer:
