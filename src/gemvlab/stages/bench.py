@@ -3,7 +3,7 @@
 
 A benchmark writes results (medians over repeats, ratios from one run); it is never a timed
 test. Metrics are ``speed/<impl>/<M>x<K>x<N>/<measure>`` (int8) and, for lattice,
-``speed/<impl>/<bits>b/<M>x<K>x<N>/<measure>``, ``tokens_per_s/<impl>/<bits>b`` and the ratios
+``speed/<impl>/<bits>b/<M>x<K>x<N>/<measure>``, ``speed/<impl>/<bits>b/model/tokens_per_s``, ratios
 ``decode_ratio/glvq_over_rtn/<bits>b/<M>x<K>x<N>`` (median times) and
 ``tokens_ratio/glvq_over_rtn/<bits>b`` (tokens/s).
 """
@@ -116,7 +116,8 @@ def lattice_metrics(bcfg: DictConfig, seed: int) -> dict[str, float]:
             prompt_tokens=int(mcfg.prompt_tokens), new_tokens=int(mcfg.new_tokens),
             warmup=int(mcfg.warmup), repeats=int(mcfg.repeats), **common):
         tokens[row["impl"], row["bits"]] = float(row["tokens_per_s"])
-        metrics[f"tokens_per_s/{row['impl']}/{row['bits']}b"] = float(row["tokens_per_s"])
+        metrics[f"speed/{row['impl']}/{row['bits']}b/model/tokens_per_s"] = float(
+            row["tokens_per_s"])
     for (impl, b), rate in tokens.items():
         if impl == "glvq" and ("rtn", b) in tokens:
             metrics[f"tokens_ratio/glvq_over_rtn/{b}b"] = rate / tokens["rtn", b]
