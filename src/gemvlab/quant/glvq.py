@@ -39,6 +39,7 @@ from gemvlab.quant.gptq import inverse_hessian_factor
 from gemvlab.quant.groupwise import round_up_half
 from gemvlab.quant.lattice import (
     cholesky_init,
+    clamp_codes,
     clip_mu,
     greedy_coordinate_descent,
     mu_law,
@@ -166,14 +167,10 @@ def _encode(y: Tensor, G_eff: Tensor, bits: Tensor, rounding: str) -> Tensor:
     x = y - 0.5 * G_eff.sum(-1).unsqueeze(1)  # less G_eff (1/2, ..., 1/2): the coset offset
     if rounding == "babai":
         coords = torch.linalg.solve(G_eff, x.mT).mT
-        hi = (2.0 ** (bits - 1)).reshape(-1, 1, 1).to(coords.dtype)
-        return torch.round(coords).clamp(-hi, hi - 1).to(torch.int64)
-    out = torch.empty(y.shape, dtype=torch.int64, device=y.device)
-    for q in range(y.shape[0]):
-        b = int(bits[q])
-        zero = torch.zeros(x[q].shape, dtype=torch.int64, device=x.device)
-        out[q] = greedy_coordinate_descent(x[q], G_eff[q], zero, b, sweeps=2 ** (b - 1) + 1)
-    return out
+        return clamp_codes(torch.round(coords).to(torch.int64), bits)
+    zero = torch.zeros(x.shape, dtype=torch.int64, device=x.device)
+    # From zero, 2**(b-1) sweeps reach every level of the widest group.
+    return greedy_coordinate_descent(x, G_eff, zero, bits, sweeps=2 ** (int(bits.max()) - 1))
 
 
 def _vectors(w: Tensor, cfg: GLVQConfig) -> Tensor:

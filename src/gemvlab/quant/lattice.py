@@ -34,10 +34,24 @@ def code_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def clamp_codes(z: Tensor, bits: int) -> Tensor:
-    """Codes restricted to the 2**bits levels, so each coordinate costs exactly `bits` bits."""
-    lo, hi = code_range(bits)
-    return z.clamp(lo, hi)
+def _bounds(bits: int | Tensor, like: Tensor) -> tuple[Tensor | int, Tensor | int]:
+    """code_range for one width, or per leading index for a tensor of widths [...] (shaped
+    [..., 1, 1] to broadcast over the vectors and coordinates of a batch)."""
+    if isinstance(bits, int):
+        return code_range(bits)
+    if int(bits.min()) < 1:
+        raise ValueError(f"bits must be >= 1, got {bits.tolist()}")
+    hi = (2 ** (bits.to(like.device, torch.int64) - 1))[..., None, None]
+    return -hi, hi - 1
+
+
+def clamp_codes(z: Tensor, bits: int | Tensor) -> Tensor:
+    """Codes restricted to the 2**bits levels, so each coordinate costs exactly `bits` bits;
+    bits may be a tensor of widths, one per leading index of a batch z [..., V, d]."""
+    lo, hi = _bounds(bits, z)
+    if isinstance(lo, int):
+        return z.clamp(lo, hi)
+    return torch.maximum(torch.minimum(z, hi), lo)
 
 
 def lattice_point(z: Tensor, G: Tensor) -> Tensor:
@@ -57,27 +71,29 @@ def babai_round(x: Tensor, G: Tensor) -> Tensor:
     return torch.round(coords).to(torch.int64).reshape(x.shape)
 
 
-def greedy_coordinate_descent(x: Tensor, G: Tensor, z0: Tensor, bits: int,
+def greedy_coordinate_descent(x: Tensor, G: Tensor, z0: Tensor, bits: int | Tensor,
                               sweeps: int = 2) -> Tensor:
     """Codes improved from z0 by trying z_i +- 1 per coordinate, kept only if ||x - G z||^2 drops.
 
     z0 is first clamped to the code range; from there every accepted move strictly lowers the
     error, so the result is never worse than clamp_codes(z0, bits). Moving z_i by s changes the
     error by ||g_i||^2 - 2 s <r, g_i> (r the residual, g_i column i of G), so only the sign of
-    <r, g_i> can help and the residual is updated in place instead of recomputed.
+    <r, g_i> can help and the residual is updated in place instead of recomputed. Batched:
+    x, z0 [..., V, d] with G [..., d, d] and bits an int or a tensor [...] of widths.
     """
     x, G = _common(x, G)
-    lo, hi = code_range(bits)
+    lo, hi = _bounds(bits, z0)
+    lo, hi = (lo, hi) if isinstance(lo, int) else (lo[..., 0], hi[..., 0])  # [..., 1]
     z = clamp_codes(z0, bits).to(torch.int64).clone()
     r = x - lattice_point(z, G)
-    norms = (G * G).sum(dim=0)
+    norms = (G * G).sum(dim=-2)
     for _ in range(sweeps):
         for i in range(G.shape[-1]):
-            g = G[:, i]
-            corr = r @ g
+            g = G[..., :, i].unsqueeze(-2)  # [..., 1, d]
+            corr = (r * g).sum(-1)
             step = torch.where(corr >= 0, 1, -1).to(torch.int64)
             moved = z[..., i] + step
-            keep = (2 * corr.abs() > norms[i]) & (moved >= lo) & (moved <= hi)
+            keep = (2 * corr.abs() > norms[..., i:i + 1]) & (moved >= lo) & (moved <= hi)
             step = step * keep
             z[..., i] += step
             r -= step.unsqueeze(-1).to(r.dtype) * g
