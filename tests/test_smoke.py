@@ -40,6 +40,10 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     speed = pd.read_csv(out / "tables" / "llm_int8" / "speed.csv")
     assert set(speed["device"]) == {"cpu"} and (speed["median_us"] > 0).all()
     assert "| llm_int8_best_of_int8 |" in claims
+    # glvq: RTN, GPTQ and GLVQ once each at 2 bits, with their exact bits per weight.
+    g = pd.read_csv(out / "tables" / "glvq" / "perplexity.csv")
+    assert sorted(g["method"]) == ["glvq", "gptq", "rtn"] and (g["bits_per_weight"] > 2).all()
+    assert "| ordering_2bit |" in claims
     again = snakemake("-n", *config)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
