@@ -108,3 +108,23 @@ def test_cached_block_inputs_give_the_hessians_of_a_full_forward(make):
     with torch.no_grad():
         for ids, logits in zip(calib, ref, strict=True):
             torch.testing.assert_close(model(input_ids=ids).logits, logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="calibrates a model on a CUDA GPU")
+@pytest.mark.parametrize("kind", ["rtn", "gptq", "glvq"])
+def test_weight_only_methods_calibrate_a_cuda_model(kind):
+    from gemvlab.quant.recipes import weight_quantizer
+
+    model = make_llama(vocab_size=40, seed=3).cuda()
+    ids = torch.randint(0, 40, (2, 48), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    method = {"kind": kind, "bits": 4, "group_size": 16, "damp": 0.01, "act_order": False,
+              "d": 8, "lattice": "group", "companding": "group", "rounding": "babai",
+              "salience_share": 0.25, "steps": 2, "learn_rows": 256, "lr": 0.01,
+              "frobenius": 0.01}
+    quants = quantize_weights(model, [ids], weight_quantizer(method))
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert len(quants) == 14 and out.is_cuda
+    assert ((out - ref).norm() / ref.norm()).item() < 0.3

@@ -287,7 +287,13 @@ def learn_lattices(w: Tensor, H: Tensor, bits: Tensor,
 
 
 def glvq_quantize(w: Tensor, H: Tensor, cfg: GLVQConfig) -> LatticeQuant:
-    """GLVQ codes of W [N, K] given H [K, K] (steps 1-3 of the module docstring)."""
+    """GLVQ codes of W [N, K] given H [K, K] (steps 1-3 of the module docstring).
+
+    Runs on the CPU whatever the inputs' device (a GPU calibration hands CUDA tensors): the
+    work is many small per-group operations, and GroupLinear moves decoded weights to the
+    activations' device.
+    """
+    w, H = w.cpu(), H.cpu()
     n, k = w.shape
     if k % cfg.group_size:
         raise ValueError(f"K={k} input columns must split into whole groups of "
