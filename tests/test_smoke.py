@@ -16,7 +16,7 @@ from gemvlab.config import REPO_ROOT
 
 def snakemake(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
 
 
 def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
