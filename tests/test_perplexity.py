@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gemvlab.errors import GemvlabError
+from gemvlab.eval.guards import check_finite
 from gemvlab.eval.perplexity import plan_windows, token_perplexity
 from tests.tiny import make_llama
 
@@ -114,3 +115,12 @@ def test_nan_weights_stop_with_a_clear_error(ids):
         broken.model.norm.weight[0] = float("nan")
     with pytest.raises(GemvlabError, match="NaN or inf"):
         token_perplexity(broken, ids, context_length=16, stride=16)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_logit_is_caught(bad):
+    logits = torch.randn(2, 7, 50)
+    check_finite(logits, "test")
+    logits[1, 3, 17] = bad
+    with pytest.raises(GemvlabError, match=r"NaN or inf in model outputs \(1 values"):
+        check_finite(logits, "test")

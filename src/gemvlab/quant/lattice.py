@@ -78,26 +78,29 @@ def greedy_coordinate_descent(x: Tensor, G: Tensor, z0: Tensor, bits: int | Tens
     z0 is first clamped to the code range; from there every accepted move strictly lowers the
     error, so the result is never worse than clamp_codes(z0, bits). Moving z_i by s changes the
     error by ||g_i||^2 - 2 s <r, g_i> (r the residual, g_i column i of G), so only the sign of
-    <r, g_i> can help and the residual is updated in place instead of recomputed. Batched:
+    <r, g_i> can help and the residual is updated in place instead of recomputed. A sweep that
+    moves nothing ends the search, since every later sweep would repeat it. Batched:
     x, z0 [..., V, d] with G [..., d, d] and bits an int or a tensor [...] of widths.
     """
     x, G = _common(x, G)
     lo, hi = _bounds(bits, z0)
-    lo, hi = (lo, hi) if isinstance(lo, int) else (lo[..., 0], hi[..., 0])  # [..., 1]
-    z = clamp_codes(z0, bits).to(torch.int64).clone()
+    if not isinstance(lo, int):
+        lo, hi = lo[..., 0].to(x.dtype), hi[..., 0].to(x.dtype)  # [..., 1]
+    z = clamp_codes(z0, bits).to(x.dtype)  # small integers: exact in floating point
     r = x - lattice_point(z, G)
-    norms = (G * G).sum(dim=-2)
+    half_norms = 0.5 * (G * G).sum(dim=-2)
     for _ in range(sweeps):
+        before = z.clone()
         for i in range(G.shape[-1]):
             g = G[..., :, i].unsqueeze(-2)  # [..., 1, d]
             corr = (r * g).sum(-1)
-            step = torch.where(corr >= 0, 1, -1).to(torch.int64)
-            moved = z[..., i] + step
-            keep = (2 * corr.abs() > norms[..., i:i + 1]) & (moved >= lo) & (moved <= hi)
-            step = step * keep
-            z[..., i] += step
-            r -= step.unsqueeze(-1).to(r.dtype) * g
-    return z
+            zi = z[..., i]
+            moved = torch.clamp(zi + corr.sign() * (corr.abs() > half_norms[..., i:i + 1]), lo, hi)
+            r.addcmul_((moved - zi).unsqueeze(-1), g, value=-1.0)
+            z[..., i] = moved
+        if torch.equal(z, before):
+            break
+    return z.to(torch.int64)
 
 
 def clip_mu(mu: Tensor) -> Tensor:

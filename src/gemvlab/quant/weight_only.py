@@ -35,18 +35,23 @@ Quantizer = Callable[[str, Tensor, Tensor], WeightCodes]
 
 
 class GroupLinear(nn.Module):
-    """y = x W^T + b with W stored as codes; dequantized on every call."""
+    """y = x W^T + b with W decoded from codes once, when the layer is built.
+
+    The codes stay in ``quant`` for bit accounting; decoding on every call would only repeat
+    the same arithmetic (the packed decode kernels in gemvlab.kernels are what measure its cost).
+    """
 
     def __init__(self, linear: nn.Linear, quant: WeightCodes) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quant = quant
+        self.register_buffer("weight", quant.dequantize().to(linear.weight.device),
+                             persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                   requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.quant.dequantize().to(device=x.device, dtype=x.dtype)
-        return nn.functional.linear(x, weight, self.bias)
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
 
 
 def _blocks(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, list[tuple[str, nn.Linear]]]]:
