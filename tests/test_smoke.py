@@ -44,6 +44,13 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     g = pd.read_csv(out / "tables" / "glvq" / "perplexity.csv")
     assert sorted(g["method"]) == ["glvq", "gptq", "rtn"] and (g["bits_per_weight"] > 2).all()
     assert "| ordering_2bit |" in claims
+    # oftv2: LoRA and OFTv2 trained two steps, QOFT on an NF4 base.
+    f = pd.read_csv(out / "tables" / "oftv2" / "quality.csv")
+    assert sorted(f["method"]) == ["lora", "oftv2"] and (f["steps"] == 2).all()
+    assert (f["trainable_params"] > 0).all() and f["ppl_austen"].between(1, 1000).all()
+    qt = pd.read_csv(out / "tables" / "oftv2" / "quantized.csv")
+    assert list(qt["method"]) == ["qoft"] and (qt["train_peak_mem_mb"] > 0).all()
+    assert "| oftv2_perplexity_vs_lora |" in claims
     again = snakemake("-n", *config)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -38,6 +38,11 @@ class Tracker:
             self._run.summary.update(dict(metrics))
             self._run.log(dict(metrics))
 
+    def log_step(self, metrics: Mapping[str, float], step: int) -> None:
+        """One point of a curve (a training loss per step), not a summary value."""
+        if self._run is not None:
+            self._run.log(dict(metrics), step=step)
+
     def log_table(self, name: str, df: pd.DataFrame, files: list[Path]) -> None:
         if self._run is None:
             return

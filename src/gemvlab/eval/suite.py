@@ -30,6 +30,8 @@ def perplexity_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> di
     bos = bos_token_id(tokenizer) if pcfg.bos_per_window else None
     metrics: dict[str, float] = {}
     for set_name, spec in pcfg.sets.items():
+        if spec is None:  # an eval config leaves a set out by setting it to null
+            continue
         docs = read_texts(resources / "data" / spec.dataset / spec.file)
         ids = corpus_ids(tokenizer, docs, pcfg.max_tokens, bos is not None)
         result = token_perplexity(model, ids, context_length=int(pcfg.context_length),

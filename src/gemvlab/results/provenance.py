@@ -15,7 +15,7 @@ from gemvlab.config import REPO_ROOT
 
 _PACKAGES = ("gemvlab", "torch", "transformers", "accelerate", "gguf", "safetensors",
              "hydra-core", "snakemake", "lm-eval", "wandb", "pandas", "numpy", "datasets",
-             "bitsandbytes", "triton")
+             "bitsandbytes", "triton", "peft")
 
 
 def _git(*args: str) -> str | None:
@@ -48,8 +48,26 @@ def package_versions() -> dict[str, str | None]:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process since it started or since reset_peak_rss()."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak at the current resident memory (Linux: clear_refs 5), so a stage can
+    measure one phase's peak; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def collect(seed: int | None) -> dict:

@@ -1,16 +1,21 @@
 """Stage bench: linear-layer speed of the int8 implementations against a dense layer
-(``kind: int8``, the default), or of the packed RTN and GLVQ decode GEMVs (``kind: lattice``).
+(``kind: int8``, the default), of the packed RTN and GLVQ decode GEMVs (``kind: lattice``), or of
+one finetuning step per adapter implementation (``kind: finetune``, OFTv2's efficiency claim).
 
 A benchmark writes results (medians over repeats, ratios from one run); it is never a timed
 test. Metrics are ``speed/<impl>/<M>x<K>x<N>/<measure>`` (int8) and, for lattice,
 ``speed/<impl>/<bits>b/<M>x<K>x<N>/<measure>``, ``speed/<impl>/<bits>b/model/tokens_per_s``, ratios
 ``decode_ratio/glvq_over_rtn/<bits>b/<M>x<K>x<N>`` (median times) and
-``tokens_ratio/glvq_over_rtn/<bits>b`` (tokens/s).
+``tokens_ratio/glvq_over_rtn/<bits>b`` (tokens/s). For finetune: ``step/<impl>/<model>/<measure>``
+(step_ms the median, p10_ms, p90_ms, peak_mem_mb, base_mem_mb, trainable_params, oom) and
+``ratio/<a>_over_<b>/<model>/{time,memory}`` (median step times, peak memories) for the pairs in
+``_STEP_RATIOS`` whose rows both ran.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +29,15 @@ log = logging.getLogger(__name__)
 # eager_us: one call's host latency from an idle GPU, launch overhead included (CUDA only).
 _MEASURES = ("median_us", "p10_us", "p90_us", "eager_us", "gbps", "tflops", "rel_err",
              "weight_bytes")
+_STEP_MEASURES = ("step_ms", "p10_ms", "p90_ms", "peak_mem_mb", "base_mem_mb", "trainable_params",
+                  "oom")
+# ratio name -> (numerator impl, denominator impl): the paper's comparisons (OFTv2 against the
+# weight-centric OFT and LoRA) and ours against peft's.
+_STEP_RATIOS = {"oft_over_oftv2": ("oft", "oftv2"), "oftv2_over_lora": ("oftv2", "lora"),
+                "oftv2_over_peft_oft": ("oftv2", "peft_oft"),
+                "peft015_oft_over_peft_oft": ("peft015_oft", "peft_oft")}
+# Where each kind runs without a GPU.
+_CPU_BENCH = {"int8": "bench=int8_cpu", "lattice": "bench=glvq_cpu", "finetune": "bench=oftv2_cpu"}
 
 
 def peak_gbps(device_name: str, table: dict) -> float | None:
@@ -31,8 +45,8 @@ def peak_gbps(device_name: str, table: dict) -> float | None:
     return next((float(v) for k, v in table.items() if k in device_name), None)
 
 
-@stage("bench")
-def bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+def run_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    """The stage body (``bench`` is its entry point; tests call this through ``execute``)."""
     import torch
 
     from gemvlab.kernels.linear_bench import benchmark_linears
@@ -42,14 +56,15 @@ def bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     if bcfg.name == "none":
         raise GemvlabError("bench=none: pick a benchmark, e.g. bench=int8_cpu or bench=int8_gpu")
     kind = bcfg.get("kind", "int8")
-    if kind not in ("int8", "lattice"):
-        raise GemvlabError(f"bench.kind={kind} is unknown: use int8 or lattice")
+    if kind not in _CPU_BENCH:
+        raise GemvlabError(f"bench.kind={kind} is unknown: use one of {', '.join(_CPU_BENCH)}")
     if bcfg.device == "cuda" and not torch.cuda.is_available():
-        here = "bench=int8_cpu" if kind == "int8" else "bench=glvq_cpu"
         raise GemvlabError(f"bench={bcfg.name} needs a CUDA GPU and torch sees none: run it on a "
-                           f"GPU machine (profile gpu), or {here} here")
+                           f"GPU machine (profile gpu), or {_CPU_BENCH[kind]} here")
     if kind == "lattice":
         return lattice_metrics(bcfg, int(cfg.seed))
+    if kind == "finetune":
+        return finetune_metrics(bcfg, int(cfg.seed), cfg.get("threads"))
     rows = benchmark_linears([tuple(int(d) for d in s) for s in bcfg.shapes], list(bcfg.impls),
                              device=str(bcfg.device), dtype=torch_dtype(bcfg.dtype),
                              threshold=float(bcfg.threshold), outlier_dims=int(bcfg.outlier_dims),
@@ -123,6 +138,62 @@ def lattice_metrics(bcfg: DictConfig, seed: int) -> dict[str, float]:
             metrics[f"tokens_ratio/glvq_over_rtn/{b}b"] = rate / tokens["rtn", b]
     return metrics
 
+
+def step_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Step rows as ``step/<impl>/<model>/<measure>``, and the time and memory ratios of
+    ``_STEP_RATIOS`` where both rows ran (not skipped, not out of memory)."""
+    metrics: dict[str, float] = {}
+    ran: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        if row.get("skipped"):
+            log.warning("%s skipped on %s: %s", row["impl"], row["model"], row.get("reason", ""))
+            continue
+        key = f"step/{row['impl']}/{row['model']}"
+        if row.get("oom"):  # its times and memory describe a failed step: keep only the fact
+            log.warning("%s out of memory on %s: %s", row["impl"], row["model"],
+                        row.get("reason", ""))
+            metrics[f"{key}/oom"] = 1.0
+            if row.get("trainable_params") is not None:
+                metrics[f"{key}/trainable_params"] = float(row["trainable_params"])
+            continue
+        for measure in _STEP_MEASURES:
+            if row.get(measure) is not None:
+                metrics[f"{key}/{measure}"] = float(row[measure])
+        ran[row["impl"], row["model"]] = row
+    for model in dict.fromkeys(model for _, model in ran):
+        for name, (num, den) in _STEP_RATIOS.items():
+            a, b = ran.get((num, model)), ran.get((den, model))
+            if a and b:
+                metrics[f"ratio/{name}/{model}/time"] = a["step_ms"] / b["step_ms"]
+                metrics[f"ratio/{name}/{model}/memory"] = a["peak_mem_mb"] / b["peak_mem_mb"]
+    return metrics
+
+
+def finetune_metrics(bcfg: DictConfig, seed: int, threads: int | None) -> dict[str, float]:
+    """One training step per (model, impl), each in its own process; see ``step_bench``."""
+    from gemvlab.config import REPO_ROOT
+    from gemvlab.finetune.step_bench import benchmark_steps
+
+    models = OmegaConf.to_container(bcfg.models, resolve=True)
+    # A dict, so that a derived config can drop its parent's models by setting them to null.
+    models = [m for m in (models.values() if isinstance(models, dict) else models) if m]
+    if not models:
+        raise GemvlabError(f"bench={bcfg.name} lists no models: set bench.models")
+    peft015 = bcfg.get("peft015_path")
+    if peft015 and not Path(peft015).is_absolute():
+        peft015 = str(REPO_ROOT / peft015)  # a config path names a folder of this repository
+    try:
+        rows = benchmark_steps(models, list(bcfg.impls), batch=int(bcfg.batch),
+                               seq_len=int(bcfg.seq_len), device=str(bcfg.device),
+                               dtype=str(bcfg.dtype), warmup=int(bcfg.warmup),
+                               repeats=int(bcfg.repeats), seed=seed, peft015_path=peft015,
+                               threads=threads)
+    except (ValueError, RuntimeError) as exc:
+        raise GemvlabError(str(exc)) from exc
+    return step_metrics(rows)
+
+
+bench = stage("bench")(run_bench)
 
 if __name__ == "__main__":
     bench()

@@ -1,0 +1,1 @@
+"""Parameter-efficient finetuning: LoRA and orthogonal finetuning (OFT, OFTv2) adapters."""

@@ -1,0 +1,172 @@
+"""Stage finetune: adapters (LoRA, OFT, OFTv2) on a frozen, optionally 4-bit base, trained on
+the Austen train split, then evaluated like every other model (perplexity, lm-eval).
+
+method.kind none trains nothing: the base model's row ("before"). Time and memory are those
+of the training loop alone: per-step wall time, and the peak resident memory (CPU, reset when
+training starts) or the peak allocated CUDA memory from the first step on.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from gemvlab.errors import GemvlabError
+from gemvlab.results.provenance import peak_rss_mb
+from gemvlab.stage import StageContext, stage
+
+log = logging.getLogger(__name__)
+
+KINDS = ("none", "lora", "oft")
+
+
+def adapter_spec(method: DictConfig):
+    from gemvlab.finetune.adapters import AdapterSpec
+
+    try:
+        if method.kind == "lora":
+            return AdapterSpec(kind="lora", targets=tuple(method.targets), rank=int(method.rank),
+                               alpha=float(method.alpha), dropout=float(method.dropout))
+        return AdapterSpec(kind="oft", targets=tuple(method.targets),
+                           block_size=int(method.block_size), form=str(method.form),
+                           neumann_terms=int(method.neumann_terms))
+    except ValueError as exc:
+        raise GemvlabError(f"method={method.name}: {exc}") from None
+
+
+def train_windows(tokenizer, cfg: DictConfig, resources: Path) -> torch.Tensor:
+    """The first train.max_tokens tokens of the Austen train split, in windows of seq_len."""
+    from gemvlab.eval.suite import read_texts
+    from gemvlab.finetune.train import token_windows
+
+    docs = read_texts(resources / "data" / "austen" / "train.jsonl")
+    tcfg = cfg.train
+    text, budget = [], int(tcfg.max_tokens) * 8  # characters: tokenize only what can be used
+    for doc in docs:
+        text.append(doc)
+        budget -= len(doc)
+        if budget <= 0:
+            break
+    ids = tokenizer("\n\n".join(text), return_tensors="pt").input_ids[0][: int(tcfg.max_tokens)]
+    return token_windows(ids, int(tcfg.seq_len))
+
+
+class _Memory:
+    """Peak memory of what runs after start(); ``before`` keeps the process's earlier peak."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.before = peak_rss_mb()
+
+    def start(self) -> None:
+        from gemvlab.results.provenance import reset_peak_rss
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif not reset_peak_rss():
+            log.warning("this kernel cannot reset the peak RSS: train_peak_mem_mb includes "
+                        "loading the model")
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return peak_rss_mb()
+
+
+def training_metrics(model: torch.nn.Module, tokenizer, cfg: DictConfig, resources: Path,
+                     ctx: StageContext) -> dict[str, float]:
+    """Add the method's adapters, train them, and report time, memory and the loss curve."""
+    from tqdm.auto import tqdm
+
+    from gemvlab.finetune.adapters import (
+        add_adapters,
+        max_orthogonality_error,
+        trainable_parameters,
+    )
+    from gemvlab.finetune.train import TrainConfig, train
+
+    method = cfg.method
+    try:
+        layers = add_adapters(model, adapter_spec(method))
+    except ValueError as exc:
+        raise GemvlabError(f"method={method.name}: {exc}") from None
+    tcfg = cfg.train
+    try:
+        train_cfg = TrainConfig(steps=int(tcfg.steps), batch_size=int(tcfg.batch_size),
+                                lr=float(method.lr), warmup_steps=int(tcfg.warmup_steps),
+                                weight_decay=float(tcfg.weight_decay),
+                                grad_clip=float(tcfg.grad_clip), seed=int(cfg.seed))
+    except ValueError as exc:
+        raise GemvlabError(str(exc)) from None
+    windows = train_windows(tokenizer, cfg, resources)
+    device = next(model.parameters()).device
+    memory = _Memory(device)
+    bar = tqdm(total=train_cfg.steps, desc=f"{method.name} finetune", unit="step")
+
+    def on_step(step: int, loss: float, lr: float) -> None:
+        ctx.tracker.log_step({"train/loss": loss, "train/lr": lr}, step)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update()
+
+    memory.start()
+    t0 = time.perf_counter()
+    result = train(model, windows, train_cfg, on_step)
+    train_s = time.perf_counter() - t0
+    bar.close()
+    done = len(result.losses)
+    span = max(1, min(10, done // 3))  # loss_first/loss_final: means over this many steps
+    head, tail = result.losses[:span], result.losses[-span:]
+    metrics = {
+        "adapted_layers": len(layers), "trainable_params": trainable_parameters(model),
+        "steps": done, "tokens_trained": done * train_cfg.batch_size * windows.shape[1],
+        "train_s": train_s, "diverged": int(result.diverged),
+        "train_peak_mem_mb": memory.peak_mb(), "peak_rss_mb_before_train": memory.before,
+        "orthogonality_error": max_orthogonality_error(model),
+    }
+    if done:
+        step_ms = statistics.median(result.step_s) * 1e3
+        metrics.update(loss_first=sum(head) / len(head), loss_final=sum(tail) / len(tail),
+                       step_ms=step_ms, s_per_100_steps=100 * sum(result.step_s) / done)
+    if result.diverged:
+        log.warning("%s diverged at step %d (non-finite loss or gradient)", method.name, done)
+    return metrics
+
+
+@stage("finetune")
+def finetune(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
+    from gemvlab.finetune.quantized_base import quantize_base
+
+    if cfg.method.kind not in KINDS:
+        raise GemvlabError(f"method.kind={cfg.method.kind} is unknown to the finetune stage: "
+                           f"use one of {KINDS} (e.g. method=oftv2)")
+    resources = Path(cfg.paths.resources)
+    t0 = time.perf_counter()
+    model, tokenizer = load_evaluated_model(cfg, resources)
+    metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
+    base = str(cfg.method.get("base", "none"))
+    if base != "none":
+        try:
+            metrics.update(quantize_base(model, base, list(cfg.method.skip),
+                                         int(cfg.method.base_group_size)))
+        except ValueError as exc:
+            raise GemvlabError(str(exc)) from None
+    if cfg.method.kind != "none":
+        metrics.update(training_metrics(model, tokenizer, cfg, resources, ctx))
+    if metrics.get("diverged"):
+        log.warning("no evaluation: the adapters diverged")
+    else:
+        metrics.update(evaluation_metrics(model, tokenizer, cfg, resources))
+    metrics["peak_rss_mb"] = round(max(peak_rss_mb(), metrics.get("peak_rss_mb_before_train", 0)),
+                                   1)
+    return metrics
+
+
+if __name__ == "__main__":
+    finetune()
