@@ -17,4 +17,6 @@ echo "gemvlab: installing into .venv (first time takes a few minutes)" >&2
 "${PIP[@]}" install -e ".[dev]"
 mapfile -t NODEPS < <(.venv/bin/python -c "import tomllib;print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['tool']['gemvlab']['no-deps']))")
 "${PIP[@]}" install --no-deps "${NODEPS[@]}"
+# peft 0.15.2 (OFT before OFTv2) in a folder of its own, for the oftv2 step benchmarks.
+PYTHON=.venv/bin/python bash scripts/install_peft015.sh
 echo "$want" > "$stamp"
