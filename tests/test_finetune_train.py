@@ -158,14 +158,15 @@ def test_finetune_stage_trains_each_method_and_evaluates(ft_tree):
                              "method.block_size=8")
     for name, m in runs.items():
         assert m["steps"] == 6 and m["diverged"] == 0, name
-        assert m["tokens_trained"] == 6 * 2 * 16
+        assert m["tokens_trained"] == 6 * 1 * 16  # steps x the experiment's batch x seq_len
         assert m["adapted_layers"] == 14 and m["trainable_params"] > 0
         assert m["train_peak_mem_mb"] > 0 and m["step_ms"] > 0
         assert math.isfinite(m["ppl_austen"]) and math.isfinite(m["loss_final"]), name
     assert runs["lora"]["loss_final"] < runs["lora"]["loss_first"]  # (OFT: see the unit test)
     # OFT and OFTv2: the same parameters, the same data, so the same training up to rounding.
     assert runs["oft"]["trainable_params"] == runs["oftv2"]["trainable_params"]
-    assert runs["oft"]["orthogonality_error"] < 1e-4 < runs["oftv2"]["orthogonality_error"]
+    # The exact Cayley transform is orthogonal to float32 rounding; 5 Neumann terms are not.
+    assert runs["oft"]["orthogonality_error"] < 1e-5 < runs["oftv2"]["orthogonality_error"]
     assert runs["qoft"]["base_layers_4bit"] == 14
 
 

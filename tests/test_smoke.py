@@ -46,7 +46,8 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     assert "| ordering_2bit |" in claims
     # oftv2: LoRA and OFTv2 trained two steps, QOFT on an NF4 base.
     f = pd.read_csv(out / "tables" / "oftv2" / "quality.csv")
-    assert sorted(f["method"]) == ["lora", "oftv2"] and (f["steps"] == 2).all()
+    assert sorted(f["method"]) == ["lora", "oftv2"] and (f["steps_planned"] == 2).all()
+    assert f["loss_final"].notna().all()
     assert (f["trainable_params"] > 0).all() and f["ppl_austen"].between(1, 1000).all()
     qt = pd.read_csv(out / "tables" / "oftv2" / "quantized.csv")
     assert list(qt["method"]) == ["qoft"] and (qt["train_peak_mem_mb"] > 0).all()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from gemvlab.results.provenance import peak_rss_mb
 
 IMPLS = ("lora", "oft", "oftv2", "peft_lora", "peft_oft", "peft015_oft")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -75,12 +76,7 @@ def _rss_mb() -> float:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (MiB); Linux reports ru_maxrss in KiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mb()
 
 
 def build_model(model_type: str, shape: Mapping[str, Any], dtype: Any, device: Any,
@@ -193,7 +189,7 @@ def measure_step(spec: Mapping[str, Any]) -> dict[str, Any]:
     except torch.OutOfMemoryError as exc:
         row.update(oom=1, reason=str(exc).splitlines()[0][:200])
         times = []
-    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else peak_rss_mb()
     row["peak_mem_mb"] = peak
     if times:
         row.update(step_ms=statistics.median(times), p10_ms=_quantile(times, 0.1),
