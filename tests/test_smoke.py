@@ -48,6 +48,8 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     f = pd.read_csv(out / "tables" / "oftv2" / "quality.csv")
     assert sorted(f["method"]) == ["lora", "oftv2"] and (f["steps_planned"] == 2).all()
     assert f["loss_final"].notna().all()
+    z = pd.read_csv(out / "tables" / "oftv2" / "zeroshot.csv")
+    assert set(z["method"]) == {"lora", "oftv2"} and (z["n"] == 4).all()
     assert (f["trainable_params"] > 0).all() and f["ppl_austen"].between(1, 1000).all()
     qt = pd.read_csv(out / "tables" / "oftv2" / "quantized.csv")
     assert list(qt["method"]) == ["qoft"] and (qt["train_peak_mem_mb"] > 0).all()
