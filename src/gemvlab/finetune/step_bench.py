@@ -38,6 +38,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from gemvlab.kernels.linear_bench import check_bench_args, quantile
 from gemvlab.results.provenance import peak_rss_mb
 
 IMPLS = ("lora", "oft", "oftv2", "peft_lora", "peft_oft", "peft015_oft")
@@ -48,23 +49,6 @@ LORA_RANK, LORA_ALPHA = 16, 32.0
 LEARNING_RATE = 1e-4
 # Text in a failed child's stderr that means the device ran out of memory.
 _OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def _check(impls: list[str], warmup: int, repeats: int) -> None:
-    unknown = sorted(set(impls) - set(IMPLS))
-    if unknown:
-        raise ValueError(f"unknown impls {unknown}; choose from {list(IMPLS)}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError("repeats must be >= 1 and warmup >= 0")
-
-
-def _quantile(values: list[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default rule)."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 # ---------------------------------------------------------------- the child: one measurement
@@ -192,8 +176,8 @@ def measure_step(spec: Mapping[str, Any]) -> dict[str, Any]:
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else peak_rss_mb()
     row["peak_mem_mb"] = peak
     if times:
-        row.update(step_ms=statistics.median(times), p10_ms=_quantile(times, 0.1),
-                   p90_ms=_quantile(times, 0.9))
+        row.update(step_ms=statistics.median(times), p10_ms=quantile(times, 0.1),
+                   p90_ms=quantile(times, 0.9))
     return row
 
 
@@ -240,7 +224,7 @@ def benchmark_steps(models: list[dict], impls: list[str], batch: int, seq_len: i
     (base_mem_mb: the same before the model, i.e. torch and the libraries). A row with
     ``skipped: 1`` and a reason was not measured (peft015_oft without its directory).
     """
-    _check(impls, warmup, repeats)
+    check_bench_args(impls, IMPLS, warmup, repeats)
     if batch < 1 or seq_len < 1:
         raise ValueError("batch and seq_len must be >= 1")
     import gemvlab

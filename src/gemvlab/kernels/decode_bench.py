@@ -33,7 +33,12 @@ from gemvlab.kernels.lattice_gemv import (
     pack_rtn,
     rtn_gemv,
 )
-from gemvlab.kernels.linear_bench import _l2_flush_buffer, _quantile, _time_us
+from gemvlab.kernels.linear_bench import (
+    _l2_flush_buffer,
+    _time_us,
+    check_bench_args,
+    quantile,
+)
 from gemvlab.quant.glvq import GLVQConfig, LatticeQuant, glvq_quantize
 from gemvlab.quant.groupwise import GroupQuant, rtn_quantize
 
@@ -105,14 +110,6 @@ def _build(impl: str, w: Tensor, x: Tensor, bits: int, d: int, group_size: int, 
     return partial(glvq_gemv, x, packed_l), packed_l.nbytes, w_hat
 
 
-def _check(impls: list[str], warmup: int, repeats: int) -> None:
-    unknown = sorted(set(impls) - set(IMPLS))
-    if unknown:
-        raise ValueError(f"unknown impls {unknown}; choose from {list(IMPLS)}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError("repeats must be >= 1 and warmup >= 0")
-
-
 def benchmark_decode(shapes: list[tuple[int, int, int]], bits_list: list[int], impls: list[str],
                      *, device: str, dtype: torch.dtype, d: int, group_size: int, warmup: int,
                      repeats: int, seed: int, quantize_max_weights: int = 0,
@@ -125,7 +122,7 @@ def benchmark_decode(shapes: list[tuple[int, int, int]], bits_list: list[int], i
     ``repeats`` calls, measured as in ``linear_bench`` (CUDA events after an L2 flush; CPU
     perf_counter); gbps = weight_bytes (packed codes and every scale, zero, G, mu) / median.
     """
-    _check(impls, warmup, repeats)
+    check_bench_args(impls, IMPLS, warmup, repeats)
     dev = torch.device(device)
     name = _device_name(dev)
     flush = _l2_flush_buffer(dev)
@@ -149,8 +146,8 @@ def benchmark_decode(shapes: list[tuple[int, int, int]], bits_list: list[int], i
             "impl": impl, "bits": bits, "m": m, "k": k, "n": n,
             "dtype": str(dtype).removeprefix("torch."), "group_size": group_size, "d": d,
             "codes": "float" if impl == "dense" else ("quantized" if quantize else "random"),
-            "device_name": name, "median_us": median, "p10_us": _quantile(times, 0.1),
-            "p90_us": _quantile(times, 0.9),
+            "device_name": name, "median_us": median, "p10_us": quantile(times, 0.1),
+            "p90_us": quantile(times, 0.9),
             "eager_us": statistics.median(eager) if eager else None,
             "weight_bytes": weight_bytes, "gbps": weight_bytes / median / 1e3,
             "max_abs_err": diff.abs().max().item(), "rel_err": (diff.norm() / ref.norm()).item()})
@@ -226,7 +223,7 @@ def benchmark_model_decode(model_type: str, shape: Mapping[str, Any], bits_list:
     steps; tokens_per_s = new_tokens / the median time. Eager PyTorch (no CUDA graphs), so
     launch overheads count, as in a plain HF decode loop.
     """
-    _check(impls, warmup, repeats)
+    check_bench_args(impls, IMPLS, warmup, repeats)
     if prompt_tokens < 1 or new_tokens < 1:
         raise ValueError("prompt_tokens and new_tokens must be >= 1")
     dev = torch.device(device)

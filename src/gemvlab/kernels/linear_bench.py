@@ -45,11 +45,7 @@ def benchmark_linears(shapes: list[tuple[int, int, int]], impls: list[str], *, d
     perf_counter), and on CUDA ``eager_us``, the median host latency of one call from an idle
     GPU, launch overhead and host syncs included (None on CPU).
     """
-    unknown = sorted(set(impls) - set(IMPLS))
-    if unknown:
-        raise ValueError(f"unknown impls {unknown}; choose from {list(IMPLS)}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError("repeats must be >= 1 and warmup >= 0")
+    check_bench_args(impls, IMPLS, warmup, repeats)
     dev = torch.device(device)
     device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                    else platform.processor() or platform.machine())
@@ -77,8 +73,8 @@ def benchmark_linears(shapes: list[tuple[int, int, int]], impls: list[str], *, d
                         times, eager = _time_us(fn, dev, warmup, repeats, flush)
                         median = statistics.median(times)
                         row.update(
-                            median_us=median, p10_us=_quantile(times, 0.1),
-                            p90_us=_quantile(times, 0.9),
+                            median_us=median, p10_us=quantile(times, 0.1),
+                            p90_us=quantile(times, 0.9),
                             eager_us=statistics.median(eager) if eager else None,
                             weight_bytes=weight_bytes,
                             gbps=weight_bytes / median / 1e3, tflops=2 * m * n * k / median / 1e6,
@@ -186,7 +182,17 @@ def _time_us(fn: Callable[[], Tensor], dev: torch.device, warmup: int, repeats: 
     return device, eager
 
 
-def _quantile(values: list[float], q: float) -> float:
+def check_bench_args(impls: list[str], known: tuple[str, ...], warmup: int,
+                     repeats: int) -> None:
+    """The checks every benchmark makes before timing anything."""
+    unknown = sorted(set(impls) - set(known))
+    if unknown:
+        raise ValueError(f"unknown impls {unknown}; choose from {list(known)}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be >= 1 and warmup >= 0")
+
+
+def quantile(values: list[float], q: float) -> float:
     """Linear-interpolated quantile (numpy's default rule) without numpy."""
     ordered = sorted(values)
     pos = q * (len(ordered) - 1)
