@@ -19,4 +19,6 @@ mapfile -t NODEPS < <(.venv/bin/python -c "import tomllib;print('\n'.join(tomlli
 "${PIP[@]}" install --no-deps "${NODEPS[@]}"
 # peft 0.15.2 (OFT before OFTv2) in a folder of its own, for the oftv2 step benchmarks.
 PYTHON=.venv/bin/python bash scripts/install_peft015.sh
+# kvpress 0.5.5 (with transformers 5.2) in a folder of its own, for the Keyformer peer runs.
+PYTHON=.venv/bin/python bash scripts/install_kvpress.sh
 echo "$want" > "$stamp"

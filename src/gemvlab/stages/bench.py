@@ -37,7 +37,8 @@ _STEP_RATIOS = {"oft_over_oftv2": ("oft", "oftv2"), "oftv2_over_lora": ("oftv2",
                 "oftv2_over_peft_oft": ("oftv2", "peft_oft"),
                 "peft015_oft_over_peft_oft": ("peft015_oft", "peft_oft")}
 # Where each kind runs without a GPU.
-_CPU_BENCH = {"int8": "bench=int8_cpu", "lattice": "bench=glvq_cpu", "finetune": "bench=oftv2_cpu"}
+_CPU_BENCH = {"int8": "bench=int8_cpu", "lattice": "bench=glvq_cpu", "finetune": "bench=oftv2_cpu",
+              "kv": "bench=kv_cpu"}
 
 
 def peak_gbps(device_name: str, table: dict) -> float | None:
@@ -65,6 +66,8 @@ def run_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         return lattice_metrics(bcfg, int(cfg.seed))
     if kind == "finetune":
         return finetune_metrics(bcfg, int(cfg.seed), cfg.get("threads"))
+    if kind == "kv":
+        return kv_metrics(cfg)
     rows = benchmark_linears([tuple(int(d) for d in s) for s in bcfg.shapes], list(bcfg.impls),
                              device=str(bcfg.device), dtype=torch_dtype(bcfg.dtype),
                              threshold=float(bcfg.threshold), outlier_dims=int(bcfg.outlier_dims),
@@ -191,6 +194,37 @@ def finetune_metrics(bcfg: DictConfig, seed: int, threads: int | None) -> dict[s
     except (ValueError, RuntimeError) as exc:
         raise GemvlabError(str(exc)) from exc
     return step_metrics(rows)
+
+
+def kv_metrics(cfg: DictConfig) -> dict[str, float]:
+    """Decode step time, tokens/s and KV bytes per KV policy and budget; see ``speed_bench``."""
+    from tqdm.auto import tqdm
+
+    from gemvlab.finetune.step_bench import build_model
+    from gemvlab.kv.speed_bench import benchmark_kv_decode, speed_metrics
+    from gemvlab.models.load import torch_dtype
+    from gemvlab.stages.kv_eval import policies, settings
+
+    bcfg = cfg.bench
+    built, _ = policies(cfg.method)
+    by_name = {p.name: p for p in built}
+    unknown = [p for p in bcfg.policies if p not in by_name]
+    if unknown:
+        raise GemvlabError(f"bench.policies names {unknown}, not in method.policies "
+                           f"({sorted(by_name)})")
+    chosen = settings([by_name[p] for p in bcfg.policies], [float(b) for b in bcfg.budgets])
+    mcfg = bcfg.model
+    shape = OmegaConf.to_container(mcfg.shape, resolve=True)
+    model = build_model(str(mcfg.model_type), shape, torch_dtype(bcfg.dtype), str(bcfg.device),
+                        int(cfg.seed)).eval()
+    total = len(bcfg.contexts) * len(bcfg.batches) * len(chosen)
+    bar = tqdm(total=total, desc=f"{bcfg.name} decode", unit="setting")
+    rows = benchmark_kv_decode(model, chosen, [int(c) for c in bcfg.contexts],
+                               [int(b) for b in bcfg.batches], steps=int(bcfg.steps),
+                               warmup=int(bcfg.warmup), seed=int(cfg.seed),
+                               vocab=int(shape["vocab_size"]), on_row=lambda _: bar.update())
+    bar.close()
+    return speed_metrics(rows)
 
 
 bench = stage("bench")(run_bench)

