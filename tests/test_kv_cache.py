@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from gemvlab.kv import attention
+from gemvlab.kv.attention import bound
 from gemvlab.kv.analysis import attention_concentration
 from gemvlab.kv.cache import KVCache
 from gemvlab.kv.generate import (
@@ -64,14 +65,14 @@ def test_full_budget_reproduces_the_models_logits_exactly(model):
     cache = make_cache(FULL, None, 24, 6)
     from gemvlab.kv.generate import _forward
 
-    with torch.no_grad():
+    with torch.no_grad(), bound(model, cache):
         ours = _forward(model, cache, ids, 0, last_only=False)
     assert torch.equal(ours, ref)
     out = generate(model, ids, FULL, None, 6)
     assert torch.equal(out.tokens, steps.sequences[:, 24:])
     # the decoding steps' logits too, against transformers' own DynamicCache generation
     cache = make_cache(FULL, None, 24, 6)
-    with torch.no_grad():
+    with torch.no_grad(), bound(model, cache):
         logits = _forward(model, cache, ids, 0, last_only=True)[:, -1]
         for step, expected in enumerate(steps.logits):
             torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
@@ -103,7 +104,7 @@ def test_each_policy_keeps_exactly_its_budget_and_shrinks_the_tensors(model, pol
     last, _ = None, None
     from gemvlab.kv.generate import _forward
 
-    with torch.no_grad():
+    with torch.no_grad(), bound(model, cache):
         last = _forward(model, cache, ids, 0, last_only=True)[:, -1]
         for layer in cache.layers.values():
             assert layer.n == tokens and layer.keys.shape[2] == tokens + 1  # physically small
@@ -196,10 +197,11 @@ def test_evicted_tokens_keep_their_original_positions():
     cache = make_cache(WINDOW, 0.4, 20, 2)
     from gemvlab.kv.generate import _forward
 
-    with torch.no_grad():
+    nxt = out.tokens[:, :1]
+    with torch.no_grad(), bound(model, cache):
         _forward(model, cache, ids, 0, last_only=True)
-        nxt = out.tokens[:, :1]
         ours = _forward(model, cache, nxt, 20, last_only=True)[0, -1]
+    with torch.no_grad():
         full = torch.cat([ids, nxt], dim=1)
         allowed = torch.ones(21, 21).tril().bool()
         allowed[20, :12] = False
@@ -219,7 +221,7 @@ def test_gemma_sliding_layers_never_see_keys_past_their_window():
     from gemvlab.kv.generate import _forward
 
     cache = make_cache(FULL, None, 20, 0)
-    with torch.no_grad():
+    with torch.no_grad(), bound(model, cache):
         ours = _forward(model, cache, ids, 0, last_only=False)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 

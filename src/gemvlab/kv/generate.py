@@ -30,13 +30,12 @@ def _sync(device: torch.device) -> None:
 def _forward(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, start: int,
              last_only: bool) -> torch.Tensor:
     """Logits for ``ids`` (B, q) placed at positions start ... start + q - 1 (each layer
-    evicts to the budget as soon as its attention has run)."""
+    evicts to the budget as soon as its attention has run). Runs inside ``bound``."""
     q = ids.shape[1]
     positions = torch.arange(start, start + q, device=ids.device)
     cache.query_positions = positions
-    with bound(model, cache):
-        out = model(input_ids=ids, position_ids=positions.unsqueeze(0).expand(ids.shape[0], -1),
-                    use_cache=False, logits_to_keep=1 if last_only else 0)
+    out = model(input_ids=ids, position_ids=positions.unsqueeze(0).expand(ids.shape[0], -1),
+                use_cache=False, logits_to_keep=1 if last_only else 0)
     return out.logits
 
 
@@ -62,7 +61,8 @@ def prefill(model: torch.nn.Module, input_ids: torch.Tensor, scorers: Sequence[K
     """The prompt's last logits and its full cache, scored for every policy in ``scorers``."""
     cache = KVCache(FULL, None, input_ids.shape[1], 0, seed,
                     scorers=tuple(p for p in scorers if p.needs_scores))
-    logits = _forward(model, cache, input_ids, 0, last_only=True)
+    with bound(model, cache):
+        logits = _forward(model, cache, input_ids, 0, last_only=True)
     return logits[:, -1], cache
 
 
@@ -88,22 +88,23 @@ def decode(model: torch.nn.Module, cache: KVCache, last_logits: torch.Tensor,
     token = last_logits.argmax(-1)
     out: list[torch.Tensor] = []
     step_s: list[float] = []
-    for step in range(1, max_new_tokens + 1):
-        out.append(token)
-        if stops.numel():
-            done |= torch.isin(token, stops)
-            if bool(done.all()):
+    with bound(model, cache):
+        for step in range(1, max_new_tokens + 1):
+            out.append(token)
+            if stops.numel():
+                done |= torch.isin(token, stops)
+                if bool(done.all()):
+                    break
+            if step == max_new_tokens:
                 break
-        if step == max_new_tokens:
-            break
-        cache.step = step
-        t0 = time.perf_counter()
-        logits = _forward(model, cache, token[:, None], prompt_tokens + step - 1, True)
-        token = logits[:, -1].argmax(-1)
-        _sync(device)
-        step_s.append(time.perf_counter() - t0)
-        if on_step is not None:
-            on_step(step)
+            cache.step = step
+            t0 = time.perf_counter()
+            logits = _forward(model, cache, token[:, None], prompt_tokens + step - 1, True)
+            token = logits[:, -1].argmax(-1)
+            _sync(device)
+            step_s.append(time.perf_counter() - t0)
+            if on_step is not None:
+                on_step(step)
     return Generation(torch.stack(out, dim=1), prompt_tokens, kept, cache.nbytes(),
                       step_s=step_s)
 
@@ -117,7 +118,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, policy: KVPolicy,
     cache = make_cache(policy, budget, n, max_new_tokens, seed=seed)
     _sync(input_ids.device)
     t0 = time.perf_counter()
-    logits = _forward(model, cache, input_ids, 0, last_only=True)[:, -1]
+    with bound(model, cache):
+        logits = _forward(model, cache, input_ids, 0, last_only=True)[:, -1]
     _sync(input_ids.device)
     prefill_s = time.perf_counter() - t0
     result = decode(model, cache, logits, n, max_new_tokens, stop_ids, on_step)
@@ -149,11 +151,12 @@ def score_continuation(model: torch.nn.Module, ids: torch.Tensor, cache: KVCache
         raise ValueError(f"prefix {prefix} must leave tokens to score in {length}")
     kept = cache.tokens()
     nll = _nll(last_logits.unsqueeze(1), ids[:, prefix:prefix + 1])
-    for step, start in enumerate(range(prefix, length - 1, chunk), start=1):
-        cache.step = step
-        stop = min(start + chunk, length - 1)
-        logits = _forward(model, cache, ids[:, start:stop], start, last_only=False)
-        nll += _nll(logits, ids[:, start + 1:stop + 1])
+    with bound(model, cache):
+        for step, start in enumerate(range(prefix, length - 1, chunk), start=1):
+            cache.step = step
+            stop = min(start + chunk, length - 1)
+            logits = _forward(model, cache, ids[:, start:stop], start, last_only=False)
+            nll += _nll(logits, ids[:, start + 1:stop + 1])
     return Scored(float(nll), b * (length - prefix), kept)
 
 
