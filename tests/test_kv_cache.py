@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from gemvlab.kv import attention
-from gemvlab.kv.attention import bound
 from gemvlab.kv.analysis import attention_concentration
+from gemvlab.kv.attention import bound
 from gemvlab.kv.cache import KVCache
 from gemvlab.kv.generate import (
     FULL,
