@@ -21,8 +21,9 @@ from gemvlab.kv.policies import score_contribution
 NAME = "gemvlab_kv"
 _ACTIVE: contextvars.ContextVar[KVCache | None] = contextvars.ContextVar("gemvlab_kv_cache",
                                                                          default=None)
-# Scoring materialises (B, H, rows, n) float32 logits: rows per block keep that near 256 MiB.
-_SCORE_BLOCK_ELEMENTS = 2**26
+# Scoring materialises (B, H, rows, n) float32 logits: rows per block keep that near 256 MiB
+# on the CPU and 1 GiB on a GPU (fewer, larger blocks: fewer launches).
+_SCORE_BLOCK_ELEMENTS = {"cpu": 2**26, "cuda": 2**28}
 
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -76,7 +77,7 @@ def _add_scores(cache: KVCache, slots, query: torch.Tensor, keys: torch.Tensor,
     """Accumulate the policy's score over query blocks small enough to fit in memory."""
     b, hq, q, _ = query.shape
     n = keys.shape[2]
-    rows = max(1, _SCORE_BLOCK_ELEMENTS // max(1, b * hq * n))
+    rows = max(1, _SCORE_BLOCK_ELEMENTS.get(query.device.type, 2**26) // max(1, b * hq * n))
     generator = cache.generator(query.device)
     for start in range(0, q, rows):
         stop = min(q, start + rows)

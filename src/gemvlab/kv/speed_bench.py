@@ -24,41 +24,52 @@ def _peak_mb(device: torch.device) -> float | None:
     return None
 
 
+def _measure(model: torch.nn.Module, ids: torch.Tensor, policy: KVPolicy,
+             budget: float | None, steps: int, warmup: int, seed: int) -> dict[str, Any]:
+    device = ids.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        out = generate(model, ids, policy, budget, warmup + steps + 1, seed=seed)
+    except torch.OutOfMemoryError as exc:
+        return {"oom": 1, "reason": str(exc).splitlines()[0][:200]}
+    timed = sorted(out.step_s[warmup:])
+    step = statistics.median(timed)
+    return {"oom": 0, "step_ms": step * 1e3, "p10_ms": timed[len(timed) // 10] * 1e3,
+            "p90_ms": timed[(9 * len(timed)) // 10] * 1e3, "tokens_per_s": ids.shape[0] / step,
+            "prefill_ms": out.prefill_s * 1e3,
+            "total_ms": (out.prefill_s + sum(out.step_s)) * 1e3,
+            "kv_mb": out.kv_bytes / 2**20, "kept_tokens": out.kept_tokens,
+            "peak_mem_mb": _peak_mb(device)}
+
+
 def benchmark_kv_decode(model: torch.nn.Module, settings: Sequence[tuple[KVPolicy, float | None,
                                                                            str]],
                         contexts: Sequence[int], batches: Sequence[int], steps: int,
                         warmup: int, seed: int, vocab: int,
                         on_row: Any = None) -> list[dict[str, Any]]:
-    """One row per (context, batch, setting): step_ms (median), tokens_per_s, prefill_ms,
-    total_ms (prefill + every step), kv_mb (live keys and values), peak_mem_mb (CUDA), oom."""
+    """One row per (context, batch, setting): step_ms (median; p10_ms, p90_ms), tokens_per_s,
+    prefill_ms, total_ms (prefill + every step), kv_mb (live keys and values), peak_mem_mb
+    (CUDA), oom. Every setting first runs once untimed at the smallest shape (kernels,
+    allocator), and the order of the settings rotates from one shape to the next, so that no
+    policy always runs first."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
+    small = torch.randint(0, vocab, (min(batches), min(contexts)), generator=gen).to(device)
+    for policy, budget, _ in settings:
+        _measure(model, small, policy, budget, 2, 1, seed)
     rows: list[dict[str, Any]] = []
-    for context in contexts:
-        for batch in batches:
-            ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
-            for policy, budget, label in settings:
-                row: dict[str, Any] = {"policy": policy.name, "budget": label,
-                                       "context": context, "batch": batch}
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                try:
-                    out = generate(model, ids, policy, budget, warmup + steps + 1, seed=seed)
-                except torch.OutOfMemoryError as exc:
-                    row.update(oom=1, reason=str(exc).splitlines()[0][:200])
-                else:
-                    timed = out.step_s[warmup:]
-                    step = statistics.median(timed)
-                    row.update(oom=0, step_ms=step * 1e3, tokens_per_s=batch / step,
-                               prefill_ms=out.prefill_s * 1e3,
-                               total_ms=(out.prefill_s + sum(out.step_s)) * 1e3,
-                               kv_mb=out.kv_bytes / 2**20, kept_tokens=out.kept_tokens,
-                               peak_mem_mb=_peak_mb(device))
-                    del out
-                rows.append(row)
-                if on_row is not None:
-                    on_row(row)
+    shapes = [(c, b) for c in contexts for b in batches]
+    for index, (context, batch) in enumerate(shapes):
+        ids = torch.randint(0, vocab, (batch, context), generator=gen).to(device)
+        turn = index % len(settings)
+        for policy, budget, label in [*settings[turn:], *settings[:turn]]:
+            row = {"policy": policy.name, "budget": label, "context": context, "batch": batch,
+                   **_measure(model, ids, policy, budget, steps, warmup, seed)}
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
     return rows
 
 
@@ -72,8 +83,8 @@ def speed_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     for r in rows:
         key = f"speed/{r['policy']}/{r['budget']}/{r['context']}/{r['batch']}"
         metrics[f"{key}/oom"] = float(r.get("oom", 0))
-        for measure in ("step_ms", "tokens_per_s", "prefill_ms", "total_ms", "kv_mb",
-                        "kept_tokens", "peak_mem_mb"):
+        for measure in ("step_ms", "p10_ms", "p90_ms", "tokens_per_s", "prefill_ms", "total_ms",
+                        "kv_mb", "kept_tokens", "peak_mem_mb"):
             if r.get(measure) is not None:
                 metrics[f"{key}/{measure}"] = float(r[measure])
     full = {(c, b): r for (p, _, c, b), r in ran.items() if p == "full"}
