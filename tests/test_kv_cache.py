@@ -116,6 +116,21 @@ def test_each_policy_keeps_exactly_its_budget_and_shrinks_the_tensors(model, pol
         assert int(live.max()) == 30 + 5 - 2                   # the newest token is kept
 
 
+def test_prompt_only_compression_lets_the_cache_grow_while_decoding():
+    model = make_llama(64, seed=0)
+    policy = KVPolicy("streaming_prompt", sinks=4, decode_evicts=False)
+    cache = make_cache(policy, 0.5, 30, 6)
+    last, _ = None, None
+    from gemvlab.kv.generate import _forward
+
+    with torch.no_grad(), bound(model, cache):
+        last = _forward(model, cache, _ids(1, 30), 0, last_only=True)[:, -1]
+    assert cache.tokens() == 15
+    decode(model, cache, last, 30, 6)
+    assert cache.tokens() == 15 + 5
+    assert set(cache.layers[0].positions[0, 0, :20].tolist()) == {0, 1, 2, 3, *range(19, 35)}
+
+
 def test_shared_prefill_and_fork_give_what_a_single_run_gives(model):
     ids = _ids(1, 28, seed=5)
     last, shared = prefill(model, ids, POLICIES, seed=3)

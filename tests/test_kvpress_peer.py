@@ -79,3 +79,36 @@ def test_streaming_llm_and_observed_attention_keep_kvpress_counts(tmp_path: Path
         assert r["attn_implementation"] == (
             "eager" if r["press"] == "observed_attention" else "sdpa")
         assert isinstance(r["text"], str) and r["new_tokens"] == len(r["token_ids"]) == 4
+
+
+@pytest.mark.skipif(not (KVPRESS / "kvpress").is_dir(),
+                    reason="kvpress 0.5.5 not installed (bash scripts/install_kvpress.sh)")
+def test_our_streaming_generates_what_kvpress_generates(tmp_path: Path) -> None:
+    """Our StreamingLLM, compressing the prompt once as kvpress does, keeps as many tokens and
+    generates the same ids on the same inputs."""
+    import torch
+
+    from gemvlab.kv.generate import generate
+    from gemvlab.kv.policies import KVPolicy
+    from tests.tiny import make_llama
+
+    folder = tmp_path / "tiny"
+    model = make_llama(300, seed=4)
+    model.save_pretrained(folder, safe_serialization=True)
+    make_tokenizer().save_pretrained(folder)
+    prompts = [torch.randint(0, 250, (23,), generator=torch.Generator().manual_seed(s)).tolist()
+               for s in range(3)]
+    items = tmp_path / "items.json"
+    items.write_text(json.dumps({
+        "max_new_tokens": 6, "stop_ids": [], "presses": [{"name": "streaming_llm", "budget": 0.5}],
+        "items": [{"id": str(i), "prompt": "", "input_ids": x} for i, x in enumerate(prompts)]}))
+    out = tmp_path / "peer.json"
+    proc = _run(["--model", str(folder), "--input", str(items), "--output", str(out)],
+                pythonpath=str(KVPRESS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["id"]: r for r in json.loads(out.read_text())["records"]}
+    ours = KVPolicy("streaming", sinks=4, decode_evicts=False)
+    for i, ids in enumerate(prompts):
+        mine = generate(model, torch.tensor([ids]), ours, int(23 * 0.5) / 23 - 1e-9, 6)
+        assert mine.kept_tokens == records[str(i)]["kept_tokens"] == 11
+        assert mine.tokens[0].tolist() == records[str(i)]["token_ids"]

@@ -195,6 +195,8 @@ class KVCache:
         slots = self.layers[idx]
         if not self.evicting or slots.n <= self.budget:
             return
+        if self.step > 0 and not self.policy.decode_evicts:
+            return
         kind = self.policy.score
         scores = slots.scores[kind][:, :, : slots.n] if kind in slots.scores else None
         positions = slots.positions[:, :, : slots.n]

@@ -45,7 +45,8 @@ def make_cache(policy: KVPolicy, budget: float | None, prompt_tokens: int, new_t
     if not policy.evicts or budget is None:
         return KVCache(FULL, None, prompt_tokens + new_tokens, new_tokens, seed)
     tokens = budget_tokens(budget, prompt_tokens)
-    return KVCache(policy, tokens, tokens + chunk, new_tokens, seed)
+    grows = 0 if policy.decode_evicts else new_tokens
+    return KVCache(policy, tokens, tokens + chunk + grows, new_tokens, seed)
 
 
 def fork(shared: KVCache, policy: KVPolicy, budget: float | None, prompt_tokens: int,

@@ -28,6 +28,7 @@ class KVPolicy:
     sinks: int = 0               # first positions always kept (StreamingLLM's attention sinks)
     tau_init: float = 1.0        # Keyformer's temperature at the prompt ...
     tau_end: float = 2.0         # ... and after the last decoding step
+    decode_evicts: bool = True   # False: compress the prompt only, then let the cache grow
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:

