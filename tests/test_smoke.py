@@ -54,6 +54,21 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     qt = pd.read_csv(out / "tables" / "oftv2" / "quantized.csv")
     assert list(qt["method"]) == ["qoft"] and (qt["train_peak_mem_mb"] > 0).all()
     assert "| oftv2_perplexity_vs_lora |" in claims
+    # keyformer: every policy at every budget on three tasks, attention mass, kvpress, speed.
+    acc = pd.read_csv(out / "tables" / "keyformer" / "accuracy.csv")
+    assert set(acc["task"]) == {"summarization", "coqa", "perplexity"}
+    assert (acc.groupby("task").size() == 21).all()
+    assert acc.loc[acc["task"] == "perplexity", "ppl"].between(1, 10000).all()
+    full = acc[(acc["policy"] == "full") & (acc["task"] == "summarization")]
+    assert (full["rougeL"] == 1.0).all()          # the full summary against itself
+    assert (acc["kept_tokens"] <= acc["prompt_tokens"].fillna(acc["kept_tokens"])).all()
+    mass = pd.read_csv(out / "tables" / "keyformer" / "attention_mass.csv")
+    assert len(mass) == 30 + 1 and (mass["keys_for_mass"].dropna().between(0, 1)).all()
+    peer = pd.read_csv(out / "tables" / "keyformer" / "peer.csv")
+    assert {"ours_streaming", "kvpress_streaming_llm", "streaming_pair"} <= set(peer["impl"])
+    kv_speed = pd.read_csv(out / "tables" / "keyformer" / "speed.csv")
+    assert (kv_speed.loc[kv_speed["device"] == "cpu", "step_ms"] > 0).all()
+    assert "| keyformer_ge_h2o_summarization |" in claims
     again = snakemake("-n", *config)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
