@@ -25,7 +25,7 @@ from gemvlab.kv.generate import (
 )
 from gemvlab.kv.policies import KVPolicy, evict_one, keep_indices, score_contribution
 from gemvlab.kv.speed_bench import speed_metrics
-from tests.tiny import make_llama
+from tests.tiny import make_gemma3, make_llama
 
 WINDOW = KVPolicy("window")
 STREAMING = KVPolicy("streaming", sinks=4)
@@ -39,13 +39,8 @@ def _ids(batch: int, n: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def _gemma(seed: int = 0) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    config = transformers.Gemma3TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=256)
-    return transformers.Gemma3ForCausalLM(config).float().eval()
+    return make_gemma3(64, ["sliding_attention", "sliding_attention", "full_attention"], seed,
+                       max_len=256)
 
 
 @pytest.fixture(params=["llama", "gemma3"])

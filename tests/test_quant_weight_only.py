@@ -8,7 +8,7 @@ import torch
 from gemvlab.quant.gptq import gptq_quantize
 from gemvlab.quant.groupwise import rtn_quantize
 from gemvlab.quant.weight_only import GroupLinear, bits_per_weight, quantize_weights
-from tests.tiny import make_llama
+from tests.tiny import make_gemma3, make_llama
 
 
 def _logits_error(bits: int, quantizer) -> tuple[float, dict]:
@@ -64,15 +64,7 @@ class _Exact:
 
 
 def _tiny_gemma3() -> torch.nn.Module:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.Gemma3TextConfig(
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-        max_position_embeddings=128)
-    return transformers.Gemma3ForCausalLM(config).float().eval()
+    return make_gemma3(40, ["sliding_attention", "full_attention", "sliding_attention"])
 
 
 @pytest.mark.parametrize("make", [lambda: make_llama(vocab_size=40, seed=3), _tiny_gemma3])

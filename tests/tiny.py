@@ -35,6 +35,17 @@ def make_llama(vocab_size: int, seed: int = 0, max_len: int = 256) -> transforme
     return transformers.LlamaForCausalLM(config).float().eval()
 
 
+def make_gemma3(vocab_size: int, layer_types: list[str], seed: int = 0,
+                max_len: int = 128) -> transformers.Gemma3ForCausalLM:
+    """Gemma 3 text model with sliding-window (8 tokens) and full-attention layers."""
+    torch.manual_seed(seed)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=len(layer_types), num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, sliding_window=8, layer_types=layer_types, max_position_embeddings=max_len)
+    return transformers.Gemma3ForCausalLM(config).float().eval()
+
+
 def save_model_folder(folder: Path, bos: bool = False, seed: int = 0) -> Path:
     """A safetensors model folder, as a user would hand to model=local."""
     tokenizer = make_tokenizer(bos=bos)
