@@ -62,10 +62,12 @@ def test_dry_run_shows_the_whole_chain(tmp_path: Path):
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, flags=re.M))
     # llm_int8: 18 quantize runs and the CPU benchmark; its GPU benchmark is left out on a
     # machine without CUDA when no record of it exists. glvq at smoke: RTN, GPTQ, GLVQ once.
-    # oftv2 at smoke: LoRA, OFTv2 and QOFT, two steps each.
+    # oftv2 at smoke: LoRA, OFTv2 and QOFT, two steps each. keyformer: one kv_eval run per
+    # task (summarization, CoQA, perplexity, attention mass, kvpress peer) and the CPU decode
+    # benchmark; its GPU benchmark is left out like llm_int8's.
     assert counts == {"fetch_model": "2", "fetch_data": "2", "evaluate": "3", "quantize": "21",
-                      "finetune": "3", "bench": "1", "tables": "4", "claims": "1", "all": "1",
-                      "total": "38"}
+                      "finetune": "3", "kv_eval": "5", "bench": "2", "tables": "5",
+                      "claims": "1", "all": "1", "total": "45"}
 
 
 def test_lint_passes():
