@@ -61,19 +61,13 @@ class LayerSlots:
     def shrink(self, capacity: int) -> None:
         """Free the slots past ``capacity`` once eviction has emptied them (after a prompt)."""
         if self.keys is not None and self.keys.shape[2] > capacity >= self.n:
-            small = self.copy(capacity, tuple(self.scores))
-            self.keys, self.values = small.keys, small.values
-            self.positions, self.scores = small.positions, small.scores
+            self._reserve(self.keys, self.values, capacity, tuple(self.scores))
 
     def copy(self, capacity: int, kinds: tuple[str, ...]) -> LayerSlots:
         """A copy with room for ``capacity`` slots, keeping only the score kinds named."""
-        out = LayerSlots(n=self.n)
+        out = LayerSlots(self.keys, self.values, self.positions,
+                         {kind: self.scores[kind] for kind in kinds}, self.n)
         out._reserve(self.keys, self.values, max(capacity, self.n), kinds)
-        out.keys[:, :, : self.n] = self.keys[:, :, : self.n]
-        out.values[:, :, : self.n] = self.values[:, :, : self.n]
-        out.positions[:, :, : self.n] = self.positions[:, :, : self.n]
-        for kind in kinds:
-            out.scores[kind][:, :, : self.n] = self.scores[kind][:, :, : self.n]
         return out
 
     def live(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
