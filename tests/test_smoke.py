@@ -69,6 +69,23 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     kv_speed = pd.read_csv(out / "tables" / "keyformer" / "speed.csv")
     assert (kv_speed.loc[kv_speed["device"] == "cpu", "step_ms"] > 0).all()
     assert "| keyformer_ge_h2o_summarization |" in claims
+    # commvq: codebooks collected and trained, every quantizer on three tasks, decode speed.
+    q = pd.read_csv(out / "tables" / "commvq" / "quality.csv")
+    assert sorted(q["setting"]) == ["commvq1", "commvq2", "fp16", "kivi1", "kivi2"]
+    assert q["ppl"].between(1, 10000).all()
+    mem = pd.read_csv(out / "tables" / "commvq" / "memory.csv").set_index("setting")
+    assert mem.loc["fp16", "reduction_vs_fp16"] == 0
+    assert (mem.drop("fp16")["quantized_tokens"] > 0).all()   # the window is smaller here
+    assert mem.loc["commvq1", "kv_bytes"] < mem.loc["commvq2", "kv_bytes"] < mem.loc["fp16",
+                                                                                  "kv_bytes"]
+    mse = pd.read_csv(out / "tables" / "commvq" / "mse.csv")
+    assert set(mse["setting"]) == {"commvq1", "commvq2", "kivi1", "kivi2"}
+    assert (mse["value"] > 0).all() and len(mse) == 4 * (30 + 1)
+    pk = pd.read_csv(out / "tables" / "commvq" / "passkey.csv")
+    assert pk["correct"].dropna().isin([0, 1]).all()
+    ratio = pd.read_csv(out / "tables" / "commvq" / "decode_ratio.csv")
+    assert (ratio["naive_over_commutative"] > 0).all()
+    assert "| reduction_87_5pct_at_2bit |" in claims
     again = snakemake("-n", *config)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -64,10 +64,13 @@ def test_dry_run_shows_the_whole_chain(tmp_path: Path):
     # machine without CUDA when no record of it exists. glvq at smoke: RTN, GPTQ, GLVQ once.
     # oftv2 at smoke: LoRA, OFTv2 and QOFT, two steps each. keyformer: one kv_eval run per
     # task (summarization, CoQA, perplexity, attention mass, kvpress peer) and the CPU decode
-    # benchmark; its GPU benchmark is left out like llm_int8's.
+    # benchmark; its GPU benchmark is left out like llm_int8's. commvq: KV collected and
+    # codebooks trained once, one kvq_eval run per task (quality, passkey, MSE), its CPU
+    # decode benchmark.
     assert counts == {"fetch_model": "2", "fetch_data": "2", "evaluate": "3", "quantize": "21",
-                      "finetune": "3", "kv_eval": "5", "bench": "2", "tables": "5",
-                      "claims": "1", "all": "1", "total": "45"}
+                      "finetune": "3", "kv_eval": "5", "kv_collect": "1", "kv_train": "1",
+                      "kvq_eval": "3", "bench": "3", "tables": "6", "claims": "1", "all": "1",
+                      "total": "52"}
 
 
 def test_lint_passes():

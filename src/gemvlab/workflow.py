@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemvlab.config import PlannedRun, experiment_ids, plan_experiment
+from gemvlab.models.kv_codebooks import CODEBOOK_FILE, KV_FILE, artifact_dirs, needs_codebooks
 
 
 def _quote(items: list[str] | tuple[str, ...]) -> str:
@@ -94,13 +95,44 @@ class Workflow:
         return "|".join(ids) if ids else "(?!x)x"
 
     def run_inputs(self, wildcards: Any) -> list[str]:
-        """A model and its eval datasets; a benchmark (random tensors) needs nothing."""
-        run = self.runs[(wildcards.experiment, wildcards.run_id)]
+        return self.run_inputs_of(self.runs[(wildcards.experiment, wildcards.run_id)])
+
+    def run_inputs_of(self, run: PlannedRun, codebooks: bool = True) -> list[str]:
+        """A model and its eval datasets, and the KV codebooks its method trains; a benchmark
+        (random tensors) needs nothing."""
         if run.stage == "bench":
             return []
         datasets = run.config.get("eval", {}).get("datasets", [])
-        return [f"{self.resources}/models/{run.config['model']['name']}/manifest.json",
-                *(f"{self.resources}/data/{d}/manifest.json" for d in datasets)]
+        needs = [f"{self.resources}/models/{run.config['model']['name']}/manifest.json",
+                 *(f"{self.resources}/data/{d}/manifest.json" for d in datasets)]
+        if codebooks and needs_codebooks(run.config):
+            needs.append(f"{artifact_dirs(run.config)['train']}/{CODEBOOK_FILE}")
+        return needs
+
+    def _artifact_run(self, kind: str, folder: str) -> PlannedRun:
+        """A planned run whose KV artifact of this kind (collect, train) is ``folder``."""
+        for run in self.runs.values():
+            dirs = artifact_dirs(run.config)
+            if dirs is not None and dirs[kind] == folder:
+                return run
+        raise KeyError(f"no planned run uses the KV artifact {folder}")
+
+    def collect_args(self, wildcards: Any) -> str:
+        folder = f"{self.resources}/kv/{wildcards.model}/{wildcards.artifact}"
+        return _quote(self._artifact_run("collect", folder).overrides)
+
+    def collect_inputs(self, wildcards: Any) -> list[str]:
+        folder = f"{self.resources}/kv/{wildcards.model}/{wildcards.artifact}"
+        return self.run_inputs_of(self._artifact_run("collect", folder), codebooks=False)
+
+    def train_args(self, wildcards: Any) -> str:
+        folder = f"{self.resources}/codebooks/{wildcards.model}/{wildcards.artifact}"
+        return _quote(self._artifact_run("train", folder).overrides)
+
+    def train_inputs(self, wildcards: Any) -> list[str]:
+        folder = f"{self.resources}/codebooks/{wildcards.model}/{wildcards.artifact}"
+        run = self._artifact_run("train", folder)
+        return [f"{artifact_dirs(run.config)['collect']}/{KV_FILE}"]
 
     def run_args(self, wildcards: Any) -> str:
         return _quote(self.runs[(wildcards.experiment, wildcards.run_id)].overrides)

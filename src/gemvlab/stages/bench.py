@@ -38,7 +38,7 @@ _STEP_RATIOS = {"oft_over_oftv2": ("oft", "oftv2"), "oftv2_over_lora": ("oftv2",
                 "peft015_oft_over_peft_oft": ("peft015_oft", "peft_oft")}
 # Where each kind runs without a GPU.
 _CPU_BENCH = {"int8": "bench=int8_cpu", "lattice": "bench=glvq_cpu", "finetune": "bench=oftv2_cpu",
-              "kv": "bench=kv_cpu"}
+              "kv": "bench=kv_cpu", "kvq": "bench=commvq_cpu"}
 
 
 def peak_gbps(device_name: str, table: dict) -> float | None:
@@ -68,6 +68,8 @@ def run_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         return finetune_metrics(bcfg, int(cfg.seed), cfg.get("threads"))
     if kind == "kv":
         return kv_metrics(cfg)
+    if kind == "kvq":
+        return kvq_metrics(bcfg, int(cfg.seed))
     rows = benchmark_linears([tuple(int(d) for d in s) for s in bcfg.shapes], list(bcfg.impls),
                              device=str(bcfg.device), dtype=torch_dtype(bcfg.dtype),
                              threshold=float(bcfg.threshold), outlier_dims=int(bcfg.outlier_dims),
@@ -225,6 +227,40 @@ def kv_metrics(cfg: DictConfig) -> dict[str, float]:
                                vocab=int(shape["vocab_size"]), on_row=lambda _: bar.update())
     bar.close()
     return speed_metrics(rows)
+
+
+def kvq_metrics(bcfg: DictConfig, seed: int) -> dict[str, float]:
+    """CommVQ attention over a compressed layer, decode-then-attend against codebook space,
+    by context; and each setting's exact bits per cached value at the layer's shape."""
+    from tqdm.auto import tqdm
+
+    from gemvlab.kv import commvq
+    from gemvlab.kv.commvq_speed import decode_speed
+    from gemvlab.models.load import torch_dtype
+
+    shape = bcfg.shape
+    settings = [{"name": name, "levels": int(s.levels), "rows": int(s.bits) * shape.heads
+                 * shape.head_dim,
+                 "stages": commvq.key_stages(int(s.bits), int(shape.head_dim), int(s.levels))}
+                for name, s in bcfg.settings.items()]
+    bar = tqdm(total=len(bcfg.contexts) * len(settings), desc=f"{bcfg.name} decode",
+               unit="setting")
+    metrics = decode_speed([int(c) for c in bcfg.contexts], settings, int(shape.heads),
+                           int(shape.q_heads), int(shape.head_dim), int(bcfg.window),
+                           float(shape.rope_base), int(bcfg.repeats), int(bcfg.warmup),
+                           str(bcfg.device), torch_dtype(bcfg.dtype), seed,
+                           on_row=lambda _: bar.update())
+    bar.close()
+    # Bits per cached value from the packed layer itself (codes, norms, scales; window 0).
+    values = 2 * int(shape.heads) * int(shape.head_dim)
+    context = max(int(c) for c in bcfg.contexts)
+    for setting in settings:
+        per_token = metrics.get(f"bytes/{setting['name']}/{context}/kv_bytes_per_token")
+        if per_token is not None and int(bcfg.window) == 0:
+            metrics[f"memory/{setting['name']}/bits_per_value"] = 8 * per_token / values
+            metrics[f"memory/{setting['name']}/reduction_vs_fp16"] = 1 - 8 * per_token / (
+                16 * values)
+    return metrics
 
 
 bench = stage("bench")(run_bench)
