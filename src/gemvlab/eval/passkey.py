@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-         "Find it and memorize it. I will quiz you about it.\n\n")
+         "Find it and memorize it. I will quiz you about it. For example, if the text says "
+         "'The pass key is 12345', the answer is 12345.\n\n")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+QUESTION = "\n\nWhat is the pass key? Remember it. The pass key is"
 
 
 @dataclass

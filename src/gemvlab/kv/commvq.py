@@ -326,7 +326,7 @@ def train_value_codecs(values: Sequence[Tensor], bits: int, steps: int, batch: i
         "codebook": torch.stack([c.codebook for c in codecs]),
     }
     params = {k: nn.Parameter(v.detach().clone()) for k, v in stacked.items()}
-    opt = torch.optim.Adam(params.values(), lr=lr)
+    opt = torch.optim.Adam(params.values(), lr=lr, fused=True)  # one kernel for all layers
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
     data = torch.stack([v.float() for v in values])  # [layers, N, F]
     data = data / data.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -347,7 +347,7 @@ def train_value_codecs(values: Sequence[Tensor], bits: int, steps: int, batch: i
         opt.step()
         sched.step()
         if on_step:
-            on_step(step, float(loss) / len(codecs))
+            on_step(step, float(loss.detach()) / len(codecs))
     with torch.no_grad():
         for i, c in enumerate(codecs):
             c.norm.weight.copy_(params["norm_w"][i])
