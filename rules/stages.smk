@@ -1,7 +1,7 @@
 # The run stages: one job per planned run, by the stage its experiment gives it. A run's
 # folder name is its run_id, so each rule's wildcard constraint matches only its own runs.
 
-for _stage in ("evaluate", "quantize", "finetune", "bench", "kv_eval", "kvq_eval"):
+for _stage in ("evaluate", "quantize", "finetune", "bench", "kv_eval", "kvq_eval", "simulate"):
 
     rule:
         name:

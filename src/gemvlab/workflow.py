@@ -99,9 +99,11 @@ class Workflow:
 
     def run_inputs_of(self, run: PlannedRun, codebooks: bool = True) -> list[str]:
         """A model and its eval datasets, and the KV codebooks its method trains; a benchmark
-        (random tensors) needs nothing."""
+        (random tensors) needs nothing, a simulation only the GPU measurements it calibrates on."""
         if run.stage == "bench":
             return []
+        if run.stage == "simulate":
+            return [run.config["hw"]["gpu"]["measurements"]]
         datasets = run.config.get("eval", {}).get("datasets", [])
         needs = [f"{self.resources}/models/{run.config['model']['name']}/manifest.json",
                  *(f"{self.resources}/data/{d}/manifest.json" for d in datasets)]

@@ -1,6 +1,8 @@
 """Stage bench: linear-layer speed of the int8 implementations against a dense layer
 (``kind: int8``, the default), of the packed RTN and GLVQ decode GEMVs (``kind: lattice``), or of
-one finetuning step per adapter implementation (``kind: finetune``, OFTv2's efficiency claim).
+one finetuning step per adapter implementation (``kind: finetune``, OFTv2's efficiency claim), or
+of the operators of one batched decode step (``kind: decode_ops``: linear-layer GEMMs and decode
+attention at one model shape, to calibrate the NeuPIMs simulator's GPU model).
 
 A benchmark writes results (medians over repeats, ratios from one run); it is never a timed
 test. Metrics are ``speed/<impl>/<M>x<K>x<N>/<measure>`` (int8) and, for lattice,
@@ -9,7 +11,9 @@ test. Metrics are ``speed/<impl>/<M>x<K>x<N>/<measure>`` (int8) and, for lattice
 ``tokens_ratio/glvq_over_rtn/<bits>b`` (tokens/s). For finetune: ``step/<impl>/<model>/<measure>``
 (step_ms the median, p10_ms, p90_ms, peak_mem_mb, base_mem_mb, trainable_params, oom) and
 ``ratio/<a>_over_<b>/<model>/{time,memory}`` (median step times, peak memories) for the pairs in
-``_STEP_RATIOS`` whose rows both ran.
+``_STEP_RATIOS`` whose rows both ran. For decode_ops: ``gpu/<op>/b<B>/<measure>``, op one of
+qkv, proj, ffn1, ffn2, attn_c<ctx>; measure median_us, p10_us, p90_us, flops, bytes, and oom (1,
+without times) where the combination ran out of GPU memory.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ _STEP_RATIOS = {"oft_over_oftv2": ("oft", "oftv2"), "oftv2_over_lora": ("oftv2",
                 "peft015_oft_over_peft_oft": ("peft015_oft", "peft_oft")}
 # Where each kind runs without a GPU.
 _CPU_BENCH = {"int8": "bench=int8_cpu", "lattice": "bench=glvq_cpu", "finetune": "bench=oftv2_cpu",
-              "kv": "bench=kv_cpu", "kvq": "bench=commvq_cpu"}
+              "kv": "bench=kv_cpu", "kvq": "bench=commvq_cpu", "decode_ops": "bench=neupims_cpu"}
 
 
 def peak_gbps(device_name: str, table: dict) -> float | None:
@@ -70,6 +74,8 @@ def run_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         return kv_metrics(cfg)
     if kind == "kvq":
         return kvq_metrics(bcfg, int(cfg.seed))
+    if kind == "decode_ops":
+        return decode_ops_metrics(bcfg, int(cfg.seed))
     rows = benchmark_linears([tuple(int(d) for d in s) for s in bcfg.shapes], list(bcfg.impls),
                              device=str(bcfg.device), dtype=torch_dtype(bcfg.dtype),
                              threshold=float(bcfg.threshold), outlier_dims=int(bcfg.outlier_dims),
@@ -260,6 +266,38 @@ def kvq_metrics(bcfg: DictConfig, seed: int) -> dict[str, float]:
             metrics[f"memory/{setting['name']}/bits_per_value"] = 8 * per_token / values
             metrics[f"memory/{setting['name']}/reduction_vs_fp16"] = 1 - 8 * per_token / (
                 16 * values)
+    return metrics
+
+
+def decode_ops_metrics(bcfg: DictConfig, seed: int) -> dict[str, float]:
+    """GEMMs of a decode step's linear layers by batch and decode attention by context and
+    batch, at ``bench.shape``; see ``kernels.decode_ops_bench``."""
+    from tqdm.auto import tqdm
+
+    from gemvlab.kernels.decode_ops_bench import measure_decode_ops
+    from gemvlab.models.load import torch_dtype
+
+    shape = bcfg.shape
+    batches = [int(b) for b in bcfg.batches]
+    contexts = [int(c) for c in bcfg.contexts]
+    attn_batches = [int(b) for b in bcfg.attn_batches]
+    bar = tqdm(total=4 * len(batches) + len(contexts) * len(attn_batches),
+               desc=f"{bcfg.name} decode ops", unit="op")
+
+    def done(op: str) -> None:
+        bar.set_postfix_str(op)
+        bar.update()
+
+    try:
+        metrics = measure_decode_ops(
+            d_model=int(shape.d_model), heads=int(shape.heads), d_ff=int(shape.d_ff),
+            batches=batches, contexts=contexts, attn_batches=attn_batches,
+            device=str(bcfg.device), dtype=torch_dtype(bcfg.dtype), warmup=int(bcfg.warmup),
+            repeats=int(bcfg.repeats), seed=seed, on_row=done)
+    except ValueError as exc:
+        raise GemvlabError(f"bench={bcfg.name}: {exc}") from exc
+    finally:
+        bar.close()
     return metrics
 
 

@@ -1,0 +1,1 @@
+"""Hardware simulation of batched LLM decoding (NeuPIMs): cost models, schedules, traces."""
