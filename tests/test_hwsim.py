@@ -202,3 +202,18 @@ def test_simulate_stage_rejects_bad_input_clearly(tmp_path: Path):
         execute("simulate", run_simulate, missing, tmp_path / "c")
     with pytest.raises(GemvlabError, match="unknown key"):
         execute("simulate", run_simulate, _cfg(tmp_path, "+hw.pim.bankz=3"), tmp_path / "d")
+
+
+def test_committed_gpu_timings_are_the_gpu_run_record():
+    """The calibration data is a copy of a bench=neupims_gpu record that names its GPU."""
+    from gemvlab.config import REPO_ROOT
+    from gemvlab.results.tables import load_record
+
+    data = json.loads((REPO_ROOT / "experiments" / "neupims" / "gpu_kernels.json").read_text())
+    runs = [load_record(p.parent) for p in
+            (REPO_ROOT / "results" / "runs" / "neupims").glob("*/metrics.json")]
+    gpu_runs = [r for r in runs if r.config.get("bench", {}).get("name") == "neupims_gpu"]
+    assert [r.metrics for r in gpu_runs] == [data]
+    prov = json.loads((REPO_ROOT / "results" / "runs" / "neupims" / gpu_runs[0].run_id /
+                       "provenance.json").read_text())
+    assert "H200" in prov["gpu"]["name"]

@@ -15,7 +15,7 @@ from gemvlab.config import REPO_ROOT
 
 
 def snakemake(*args: str) -> subprocess.CompletedProcess:
-    # The whole smoke chain (six experiments, 52 jobs) took over 30 minutes on a loaded
+    # The whole smoke chain (then six experiments, 52 jobs) took over 30 minutes on a loaded
     # 2-core machine; an hour still fails a hung run well inside CI's 90 minutes.
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=3600)
@@ -88,6 +88,17 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     ratio = pd.read_csv(out / "tables" / "commvq" / "decode_ratio.csv")
     assert (ratio["naive_over_commutative"] > 0).all()
     assert "| reduction_87_5pct_at_2bit |" in claims
+    # neupims: every system at two batches, an ablation, the calibration, the simulator's speed.
+    t = pd.read_csv(out / "tables" / "neupims" / "throughput.csv")
+    assert sorted(t["system"].unique()) == ["gpu", "neupims", "npu", "npu_pim"]
+    assert (t["tokens"] == t["batch"] * t["iterations"]).all() and (t["tokens_per_s"] > 0).all()
+    sp = pd.read_csv(out / "tables" / "neupims" / "speedup.csv")
+    assert set(sp["baseline"]) == {"gpu", "npu", "npu_pim"} and len(sp) == 6
+    ab = pd.read_csv(out / "tables" / "neupims" / "ablation.csv")
+    assert list(ab["interleave"]) == [False, False]
+    cal = pd.read_csv(out / "tables" / "neupims" / "calibration_error.csv")
+    assert set(cal["split"]) == {"fit", "heldout"} and (cal["median_abs_rel_err"] >= 0).all()
+    assert "| speedup_1_6x_over_naive |" in claims
     again = snakemake("-n", *config)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr

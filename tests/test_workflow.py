@@ -21,11 +21,14 @@ def snakemake(*args: str) -> subprocess.CompletedProcess:
 def test_every_experiment_and_group_option_composes():
     for exp in experiment_ids():
         assert plan_experiment(exp)
-    for group in ("model", "data", "eval", "scale", "logger", "method", "analysis", "bench"):
+    for group in ("model", "data", "eval", "scale", "logger", "method", "analysis", "bench", "hw",
+                  "sim"):
         for option in sorted((REPO_ROOT / "conf" / group).glob("*.yaml")):
             extra = ["model.path=/x"] if option.stem == "local" else []
             if group in ("method", "analysis", "bench"):  # groups an experiment brings in
                 extra.append("experiment=llm_int8")
+            if group in ("hw", "sim"):
+                extra.append("experiment=neupims")
             cfg = to_plain(compose([f"{group}={option.stem}", *extra]))
             assert cfg[group]
 
@@ -66,11 +69,13 @@ def test_dry_run_shows_the_whole_chain(tmp_path: Path):
     # task (summarization, CoQA, perplexity, attention mass, kvpress peer) and the CPU decode
     # benchmark; its GPU benchmark is left out like llm_int8's. commvq: KV collected and
     # codebooks trained once, one kvq_eval run per task (quality, passkey, MSE), its CPU
-    # decode benchmark.
+    # decode benchmark. neupims: four simulations (throughput, an ablation, the GPU model's
+    # calibration on the committed H200 timings, the simulator's speed); its GPU benchmark has a
+    # record at scale cpu only.
     assert counts == {"fetch_model": "2", "fetch_data": "2", "evaluate": "3", "quantize": "21",
                       "finetune": "3", "kv_eval": "5", "kv_collect": "1", "kv_train": "1",
-                      "kvq_eval": "3", "bench": "3", "tables": "6", "claims": "1", "all": "1",
-                      "total": "52"}
+                      "kvq_eval": "3", "simulate": "4", "bench": "3", "tables": "7",
+                      "claims": "1", "all": "1", "total": "57"}
 
 
 def test_lint_passes():

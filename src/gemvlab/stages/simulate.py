@@ -81,17 +81,19 @@ def trace_requests(sim: Mapping[str, Any], batch: int, iterations: int,
 
 def _result_metrics(r: SimResult) -> dict[str, float]:
     base = f"b{r.batch}"
-    time_ns = r.time_ns or 1.0
-    return {f"tput/{r.system}/{base}/tokens_per_s": r.tokens_per_s,
-            f"tput/{r.system}/{base}/iteration_us": r.time_ns / max(r.iterations, 1) / 1e3,
-            f"tput/{r.system}/{base}/batch": float(r.batch),
-            f"tput/{r.system}/{base}/iterations": float(r.iterations),
-            f"tput/{r.system}/{base}/tokens": float(r.tokens),
-            f"tput/{r.system}/{base}/completed": float(r.completed),
-            f"util/{r.system}/{base}/npu_busy": r.npu_busy_ns / time_ns,
-            f"util/{r.system}/{base}/pim_busy": r.pim_busy_ns / time_ns,
-            f"util/{r.system}/{base}/overlap": r.overlap_ns / time_ns,
-            f"util/{r.system}/{base}/batch": float(r.batch)}
+    metrics = {f"tput/{r.system}/{base}/tokens_per_s": r.tokens_per_s,
+               f"tput/{r.system}/{base}/iteration_us": r.time_ns / max(r.iterations, 1) / 1e3,
+               f"tput/{r.system}/{base}/batch": float(r.batch),
+               f"tput/{r.system}/{base}/iterations": float(r.iterations),
+               f"tput/{r.system}/{base}/tokens": float(r.tokens),
+               f"tput/{r.system}/{base}/completed": float(r.completed)}
+    if r.system != "gpu":  # the GPU model has no NPU or PIM to be busy
+        time_ns = r.time_ns or 1.0
+        metrics.update({f"util/{r.system}/{base}/npu_busy": r.npu_busy_ns / time_ns,
+                        f"util/{r.system}/{base}/pim_busy": r.pim_busy_ns / time_ns,
+                        f"util/{r.system}/{base}/overlap": r.overlap_ns / time_ns,
+                        f"util/{r.system}/{base}/batch": float(r.batch)})
+    return metrics
 
 
 def throughput_metrics(hw: Mapping[str, Any], sim: Mapping[str, Any],
