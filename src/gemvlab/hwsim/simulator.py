@@ -76,12 +76,17 @@ class SimResult:
         return self.tokens / (self.time_ns * 1e-9) if self.time_ns else 0.0
 
 
+def linear_shapes(llm: LLM) -> list[tuple[int, int]]:
+    """(K, N) of a layer's four GEMMs on one tensor-parallel device (Megatron's split): QKV and
+    FFN up by columns, out-projection and FFN down by rows."""
+    d, f, tp = llm.d_model, llm.d_ff, llm.tp
+    return [(d, 3 * d // tp), (d // tp, d), (d, f // tp), (f // tp, d)]
+
+
 @functools.lru_cache(maxsize=4096)
 def _gemms_ns(npu: NPU, mem_gbs: float, llm: LLM, m: int) -> tuple[float, float, float, float]:
     """A layer's four GEMMs for m rows on one device: QKV, out-projection, FFN up, FFN down."""
-    d, f, tp = llm.d_model, llm.d_ff, llm.tp
-    shapes = [(d, 3 * d // tp), (d // tp, d), (d, f // tp), (f // tp, d)]
-    qkv, proj, up, down = (costs.gemm_ns(npu, mem_gbs, m, k, n) for k, n in shapes)
+    qkv, proj, up, down = (costs.gemm_ns(npu, mem_gbs, m, k, n) for k, n in linear_shapes(llm))
     return qkv, proj, up, down
 
 
@@ -108,10 +113,10 @@ def layer_tasks(system: str, machine: Machine, llm: LLM, contexts: np.ndarray,
 
 
 def gpu_layer_ns(gpu: GPUModel, llm: LLM, contexts: np.ndarray) -> float:
-    """One layer of a micro-batch on the GPU: four GEMMs, attention, element-wise kernels."""
-    m, d, f, tp, b = int(contexts.size), llm.d_model, llm.d_ff, llm.tp, 2
-    shapes = [(d, 3 * d // tp), (d // tp, d), (d, f // tp), (f // tp, d)]
-    gemm = sum(float(gpu.gemm_ns(2 * m * k * n, (m * k + k * n + m * n) * b)) for k, n in shapes)
+    """One layer of a batch on the GPU (fp16): four GEMMs, attention, element-wise kernels."""
+    m, d, tp, b = int(contexts.size), llm.d_model, llm.tp, 2
+    gemm = sum(float(gpu.gemm_ns(2 * m * k * n, (m * k + k * n + m * n) * b))
+               for k, n in linear_shapes(llm))
     kv_bytes = 2 * float(contexts.sum()) * (d // tp) * b + 2 * m * (d // tp) * b
     elementwise = _GPU_ELEMENTWISE * float(gpu.gemm_ns(0.0, 2 * m * d * b))
     return gemm + float(gpu.attention_ns(kv_bytes)) + elementwise
