@@ -11,6 +11,11 @@ import numpy as np
 from gemvlab.hwsim.hardware import NPU, PIM
 
 
+def gemm_cost(m: int, k: int, n: int, bytes_per_elem: int) -> tuple[int, int]:
+    """(flops, bytes) of x[m,k] @ W[k,n]: each input read once, the output written once."""
+    return 2 * m * k * n, (m * k + k * n + m * n) * bytes_per_elem
+
+
 def gemm_ns(npu: NPU, mem_gbs: float, m: int, k: int, n: int) -> float:
     """x[m,k] @ W[k,n] on weight-stationary arrays, compute against weight streaming.
 
@@ -24,7 +29,7 @@ def gemm_ns(npu: NPU, mem_gbs: float, m: int, k: int, n: int) -> float:
     tiles = -(-k // s) * -(-n // s)
     rounds = -(-tiles // npu.arrays)
     compute = (rounds * max(m, s) + 2 * s) / npu.freq_ghz
-    memory = (m * k + k * n + m * n) * npu.bytes_per_elem / mem_gbs
+    memory = gemm_cost(m, k, n, npu.bytes_per_elem)[1] / mem_gbs
     return max(compute, memory)
 
 

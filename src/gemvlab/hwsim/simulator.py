@@ -115,8 +115,7 @@ def layer_tasks(system: str, machine: Machine, llm: LLM, contexts: np.ndarray,
 def gpu_layer_ns(gpu: GPUModel, llm: LLM, contexts: np.ndarray) -> float:
     """One layer of a batch on the GPU (fp16): four GEMMs, attention, element-wise kernels."""
     m, d, tp, b = int(contexts.size), llm.d_model, llm.tp, 2
-    gemm = sum(float(gpu.gemm_ns(2 * m * k * n, (m * k + k * n + m * n) * b))
-               for k, n in linear_shapes(llm))
+    gemm = sum(float(gpu.gemm_ns(*costs.gemm_cost(m, k, n, b))) for k, n in linear_shapes(llm))
     kv_bytes = 2 * float(contexts.sum()) * (d // tp) * b + 2 * m * (d // tp) * b
     elementwise = _GPU_ELEMENTWISE * float(gpu.gemm_ns(0.0, 2 * m * d * b))
     return gemm + float(gpu.attention_ns(kv_bytes)) + elementwise

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gemvlab.hwsim.costs import gemm_cost
 from gemvlab.kernels.linear_bench import _l2_flush_buffer, _time_us, quantile
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,6 @@ def gemm_shapes(d_model: int, d_ff: int) -> dict[str, tuple[int, int]]:
     """(K, N) of each linear layer of a decoder block (fused QKV, output projection, FFN)."""
     return {"qkv": (d_model, 3 * d_model), "proj": (d_model, d_model), "ffn1": (d_model, d_ff),
             "ffn2": (d_ff, d_model)}
-
-
-def gemm_cost(b: int, k: int, n: int, element_size: int) -> tuple[int, int]:
-    """(flops, bytes) of x[B, K] @ W[K, N]: each input read once, the output written once."""
-    return 2 * b * k * n, (b * k + k * n + b * n) * element_size
 
 
 def attention_cost(b: int, heads: int, ctx: int, head_dim: int,

@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gemvlab.config import REPO_ROOT
+from gemvlab.config import REPO_ROOT, to_plain
 from gemvlab.errors import GemvlabError
 from gemvlab.hwsim import gpu, traces
 from gemvlab.hwsim.hardware import LLM, NPU, PIM, GPUSpec, build
@@ -28,10 +28,6 @@ from gemvlab.hwsim.simulator import SYSTEMS, Machine, SimResult, simulate
 from gemvlab.stage import StageContext, stage
 
 _TASKS = ("throughput", "calibration", "speed")
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def load_measurements(path: str) -> dict[str, float]:
@@ -156,7 +152,8 @@ def run_simulate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     if "sim" not in cfg or "hw" not in cfg:
         raise GemvlabError("simulate needs the hw and sim groups: run it with experiment=neupims "
                            "(or add hw=neupims sim=neupims)")
-    hw, sim = _plain(cfg.hw), _plain(cfg.sim)
+    plain = to_plain(cfg)
+    hw, sim = plain["hw"], plain["sim"]
     task = sim["task"]
     if task == "throughput":
         return throughput_metrics(hw, sim, int(cfg.seed))
