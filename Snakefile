@@ -1,8 +1,10 @@
-# gemvlab: fetch_model -> fetch_data -> <experiment stages> -> tables -> claims.
+# gemvlab: fetch_model -> fetch_data -> <experiment stages> -> tables -> claims -> report.
 # Knobs (snakemake --config key=value ...):
 #   scale=smoke|cpu|gpu|paper   experiments=baseline,...   overrides="hydra overrides for all runs"
 #   results=<dir> (default results/, or results/<scale>/ off the cpu scale)   resources=<dir>
 from gemvlab.workflow import Workflow
+
+report: "docs/report/workflow.rst"
 
 W = Workflow.from_config(config)
 

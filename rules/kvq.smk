@@ -20,6 +20,7 @@ rule kv_collect:
     resources:
         mem_mb=8000,
         runtime=30,
+        gpu=W.collect_gpus,
     shell:
         "{params.py} -m gemvlab.stages.kv_collect {params.run} threads={threads} "
         "hydra.run.dir={params.folder} > {log} 2>&1"

@@ -1,11 +1,18 @@
-# Tables from run records, then the claims report from the tables.
+# Tables (and their plots) from run records, the claims from the tables, then Snakemake's own
+# HTML report of them all: results/report.html.
 
 
 rule tables:
     input:
         W.run_metrics,
     output:
-        directory(f"{W.results}/tables/{{experiment}}"),
+        report(
+            directory(f"{W.results}/tables/{{experiment}}"),
+            patterns=["{plot}.png"],
+            category="{experiment}",
+            caption="../docs/report/plot.rst",
+            labels={"plot": "{plot}"},
+        ),
     log:
         f"{W.results}/reports/tables-{{experiment}}.log",
     params:
@@ -13,6 +20,8 @@ rule tables:
         common=W.common_args,
         run_ids=W.run_id_list,
         record=lambda w: f"{W.results}/reports/tables-{w.experiment}",
+    # Seconds of work: on a cluster, not worth a job's queueing and status polling.
+    localrule: True
     conda:
         "../environment.yml"
     threads: 1
@@ -29,7 +38,13 @@ rule claims:
         tables=expand(f"{W.results}/tables/{{experiment}}", experiment=W.experiments),
         claims=expand("experiments/{experiment}/claims.yaml", experiment=W.experiments),
     output:
-        f"{W.results}/CLAIMS.md",
+        md=f"{W.results}/CLAIMS.md",
+        html=report(
+            f"{W.results}/CLAIMS.html",
+            category="Claims",
+            caption="../docs/report/claims.rst",
+            labels={"page": "claims, every experiment"},
+        ),
     log:
         f"{W.results}/reports/claims.log",
     params:
@@ -37,6 +52,7 @@ rule claims:
         common=W.common_args,
         experiments=",".join(W.experiments),
         record=f"{W.results}/reports/claims",
+    localrule: True
     conda:
         "../environment.yml"
     threads: 1
@@ -46,3 +62,26 @@ rule claims:
     shell:
         "{params.py} -m gemvlab.stages.claims {params.common} "
         "'report.experiments=[{params.experiments}]' hydra.run.dir={params.record} > {log} 2>&1"
+
+
+rule report:
+    input:
+        tables=expand(f"{W.results}/tables/{{experiment}}", experiment=W.experiments),
+        claims=f"{W.results}/CLAIMS.html",
+    output:
+        f"{W.results}/report.html",
+    log:
+        f"{W.results}/reports/report.log",
+    params:
+        py=W.python,
+        config=W.report_args,
+    localrule: True
+    conda:
+        "../environment.yml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        # The report reads the finished jobs' metadata; no lock, since this job holds it.
+        "{params.py} -m snakemake --nolock --report {output} {params.config} > {log} 2>&1"

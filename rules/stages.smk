@@ -23,8 +23,9 @@ for _stage in ("evaluate", "quantize", "finetune", "bench", "kv_eval", "kvq_eval
             "../environment.yml"
         threads: W.run_threads
         resources:
-            mem_mb=8000,
-            runtime=60,
+            mem_mb=W.run_mem_mb,
+            runtime=W.run_runtime,
+            gpu=W.run_gpus,
         shell:
             "{params.py} -m gemvlab.stages.{params.stage} {params.run} threads={threads} "
             "hydra.run.dir={params.run_dir} > {log} 2>&1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import operator
@@ -21,6 +22,7 @@ from gemvlab.results.claims import (
     STATUSES,
     check_claim,
     load_claims,
+    render_claims_html,
     render_claims_md,
 )
 from gemvlab.results.tables import build_table, format_number, load_record, write_table
@@ -299,3 +301,21 @@ def test_render_claims_md(tmp_path: Path, tables):
     assert len(table) == 2 + len(claims)
     assert r"Beats \| chance." in table[2]
     assert all(f"| {r.status} |" in line for r, line in zip(results, table[2:], strict=False))
+
+
+def test_render_claims_html_matches_the_markdown_page(tmp_path: Path, tables):
+    """The report's HTML page: the same rows as CLAIMS.md, the paper's words escaped."""
+    experiment, claims = load_claims(
+        write_claims(tmp_path / "claims.yaml",
+                     [claim_dict(id="a", check=f"> {LOW}", paper="Beats <b>chance</b>."),
+                      claim_dict(id="b", check="> 3")]))
+    results = [check_claim(experiment, claim, tables, "cpu") for claim in claims]
+    page = render_claims_html(results, "Generated; do not edit.")
+    frames = pd.read_html(io.StringIO(page))
+    summary, rows = frames
+    counts = {s: sum(r.status == s for r in results) for s in STATUSES}
+    assert dict(zip(summary["status"], summary["claims"], strict=True)) == counts
+    assert list(rows["claim id"]) == ["a", "b"]
+    assert list(rows["status"]) == [r.status for r in results]
+    assert "Beats &lt;b&gt;chance&lt;/b&gt;." in page and "<b>chance" not in page
+    assert '<h2 id="baseline">baseline</h2>' in page

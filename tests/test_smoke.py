@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
+import pytest
+import yaml
 
-from gemvlab.config import REPO_ROOT
+from gemvlab.config import REPO_ROOT, experiment_ids
+from tests.report_browser import Report, browser, require_chromium
 
 
 def snakemake(*args: str) -> subprocess.CompletedProcess:
@@ -21,11 +25,18 @@ def snakemake(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=3600)
 
 
-def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
-    out = tmp_path / "results"
-    config = ["--config", "scale=smoke", f"results={out}"]
-    proc = snakemake(*config)
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """The results folder of one smoke-scale run of the whole workflow."""
+    out = tmp_path_factory.mktemp("smoke") / "results"
+    proc = snakemake("--config", "scale=smoke", f"results={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_chain_runs_and_a_second_run_does_nothing(smoke: Path):
+    out = smoke
+    config = ["--config", "scale=smoke", f"results={out}"]
     claims = (out / "CLAIMS.md").read_text()
     assert "| ppl_identical_on_rerun |" in claims
     ppl = pd.read_csv(out / "tables" / "baseline" / "perplexity.csv")
@@ -102,3 +113,26 @@ def test_smoke_chain_runs_and_a_second_run_does_nothing(tmp_path):
     again = snakemake("-n", *config)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_report_shows_the_claims_and_every_experiments_plots(smoke: Path, tmp_path: Path):
+    """The main job's report, as a reader sees it in a browser."""
+    require_chromium()
+    experiments = experiment_ids()
+    first_claims = {exp: yaml.safe_load((REPO_ROOT / "experiments" / exp / "claims.yaml")
+                                        .read_text())["claims"][0]["id"]
+                    for exp in experiments}
+    with browser(tmp_path / "chromium") as driver:
+        report = Report(driver, smoke / "report.html")
+        assert set(report.categories()) >= {"Claims", *experiments}
+        for exp in experiments:
+            assert report.open_category(exp) >= 1, exp
+            report.show_first()
+            assert report.shown_png_width() > 100, exp
+            report.back_to_results()
+        assert report.open_category("Claims") == 1
+        report.show_first()
+        text = report.shown_html_text()
+    assert "Summary" in text and "not testable at this scale" in text
+    for exp, claim_id in first_claims.items():
+        assert claim_id in text, (exp, claim_id)

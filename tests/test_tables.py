@@ -230,3 +230,15 @@ def test_where_keeps_rows_and_may_drop_runs_that_lack_a_column():
         build_table(recs, spec)
     with pytest.raises(GemvlabError, match="does not apply"):
         build_table(recs, {**spec, "where": "no_such_column == 1"})
+
+
+def test_untimed_drops_only_the_declared_wall_clock_columns():
+    from gemvlab.results.tables import untimed
+
+    df = pd.DataFrame({"run_id": ["a"], "iterations": [1000.0], "wall_s": [0.1]})
+    assert list(untimed(df, {"timed": ["wall_s"]}).columns) == ["run_id", "iterations"]
+    assert untimed(df, {}).equals(df)
+    with pytest.raises(GemvlabError, match="wall_ms"):
+        untimed(df, {"timed": ["wall_ms"]})
+    empty = pd.DataFrame({"run_id": []})   # no runs at this scale, so no metric columns
+    assert untimed(empty, {"timed": ["wall_s"]}).equals(empty)

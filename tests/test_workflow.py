@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from gemvlab.config import REPO_ROOT, compose, experiment_ids, plan_experiment, run_id, to_plain
 from gemvlab.workflow import Workflow
@@ -75,7 +76,7 @@ def test_dry_run_shows_the_whole_chain(tmp_path: Path):
     assert counts == {"fetch_model": "2", "fetch_data": "2", "evaluate": "3", "quantize": "21",
                       "finetune": "3", "kv_eval": "5", "kv_collect": "1", "kv_train": "1",
                       "kvq_eval": "3", "simulate": "4", "bench": "3", "tables": "7",
-                      "claims": "1", "all": "1", "total": "57"}
+                      "claims": "1", "report": "1", "all": "1", "total": "58"}
 
 
 def test_lint_passes():
@@ -94,3 +95,33 @@ def test_hub_models_are_planned_only_online(tmp_path: Path):
     online = models(Workflow.from_config({**common, "overrides": "hub_online=true"}))
     assert offline == {"smollm2-135m", "gemma3-270m"}
     assert online == offline | {"facebook--opt-125m", "facebook--opt-1.3b", "facebook--opt-6.7b"}
+
+
+def test_every_rule_declares_its_resources():
+    """threads, mem_mb and runtime on every rule but `all`, so a cluster job asks for them."""
+    text = "\n".join(p.read_text() for p in sorted((REPO_ROOT / "rules").glob("*.smk")))
+    rules = re.split(r"^\s*rule:?\s*\w*:?\s*$", text, flags=re.M)[1:]
+    assert len(rules) == 8  # the run stages share one rule body
+    for body in rules:
+        assert "threads:" in body and "mem_mb=" in body and "runtime=" in body, body[:200]
+
+
+def test_run_resources_follow_the_config():
+    """Memory from the experiment, a GPU for CUDA benchmarks and for model stages at gpu scale."""
+    cpu = Workflow.from_config({"experiments": "llm_int8,neupims"})
+    gpu = Workflow.from_config({"scale": "gpu", "experiments": "llm_int8,neupims"})
+
+    def wildcards(wf: Workflow, exp: str, stage: str, **match) -> SimpleNamespace:
+        run = next(r for r in wf.plan[exp] if r.stage == stage
+                   and all(r.config["bench"].get(k) == v for k, v in match.items()))
+        return SimpleNamespace(experiment=exp, run_id=run.run_id)
+
+    quantize = wildcards(cpu, "llm_int8", "quantize")
+    assert cpu.run_mem_mb(quantize) == compose(["experiment=llm_int8"]).experiment.job_mem_mb
+    assert cpu.run_gpus(quantize) == 0
+    assert gpu.run_gpus(wildcards(gpu, "llm_int8", "quantize")) == 1
+    assert gpu.run_gpus(wildcards(gpu, "neupims", "simulate")) == 0
+    # Committed H200 records keep the CUDA benchmarks in the cpu plan: they ask for a GPU.
+    assert cpu.run_gpus(wildcards(cpu, "llm_int8", "bench", device="cuda")) == 1
+    assert cpu.run_gpus(wildcards(cpu, "llm_int8", "bench", device="cpu")) == 0
+    assert cpu.run_runtime(quantize) > 0

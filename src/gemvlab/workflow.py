@@ -16,6 +16,20 @@ from typing import Any
 from gemvlab.config import PlannedRun, experiment_ids, plan_experiment
 from gemvlab.models.kv_codebooks import CODEBOOK_FILE, KV_FILE, artifact_dirs, needs_codebooks
 
+_ARTIFACT_FOLDERS = {"collect": "kv", "train": "codebooks"}
+# A run job's resources where its experiment does not set them (job_mem_mb, job_runtime_min).
+DEFAULT_MEM_MB = 8000
+DEFAULT_RUNTIME_MIN = 60
+
+
+def needs_gpu(run: PlannedRun) -> bool:
+    """A benchmark asks for CUDA in its bench config; a model stage by its scale's device."""
+    if run.stage == "bench":
+        return run.config.get("bench", {}).get("device") == "cuda"
+    if run.stage == "simulate":
+        return False
+    return run.config["scale"]["device"] == "cuda"
+
 
 def _quote(items: list[str] | tuple[str, ...]) -> str:
     return " ".join(shlex.quote(i) for i in items)
@@ -28,6 +42,8 @@ class Workflow:
     resources: str
     common: list[str]
     experiments: list[str]
+    # The --config this workflow was given, so that the report's own snakemake sees the same DAG.
+    config_args: list[str] = field(default_factory=list)
     plan: dict[str, list[PlannedRun]] = field(default_factory=dict)
     # The environment's interpreter, the same path whether snakemake ran as a script or -m.
     python: str = os.path.join(sys.prefix, "bin", "python")
@@ -43,7 +59,8 @@ class Workflow:
         common = [f"scale={scale}", f"paths.results={results}", f"paths.resources={resources}",
                   *extra]
         experiments = [e for e in str(config.get("experiments", "")).split(",") if e]
-        wf = cls(scale, results, resources, common, experiments or experiment_ids())
+        wf = cls(scale, results, resources, common, experiments or experiment_ids(),
+                 config_args=[f"{k}={v}" for k, v in config.items()])
         wf.plan = {exp: [run for run in plan_experiment(exp, common) if wf.can_run(run)]
                    for exp in wf.experiments}
         return wf
@@ -74,7 +91,7 @@ class Workflow:
         runs = [f"{self.results}/runs/{exp}/{r.run_id}/metrics.json"
                 for exp, plan in self.plan.items() for r in plan]
         tables = [f"{self.results}/tables/{exp}" for exp in self.experiments]
-        return [*runs, *tables, f"{self.results}/CLAIMS.md"]
+        return [*runs, *tables, f"{self.results}/CLAIMS.md", f"{self.results}/report.html"]
 
     @property
     def runs(self) -> dict[tuple[str, str], PlannedRun]:
@@ -111,8 +128,10 @@ class Workflow:
             needs.append(f"{artifact_dirs(run.config)['train']}/{CODEBOOK_FILE}")
         return needs
 
-    def _artifact_run(self, kind: str, folder: str) -> PlannedRun:
-        """A planned run whose KV artifact of this kind (collect, train) is ``folder``."""
+    def _artifact_run(self, kind: str, wildcards: Any) -> PlannedRun:
+        """A planned run whose KV artifact of this kind (collect, train) the job makes."""
+        folder = "/".join([self.resources, _ARTIFACT_FOLDERS[kind], wildcards.model,
+                           wildcards.artifact])
         for run in self.runs.values():
             dirs = artifact_dirs(run.config)
             if dirs is not None and dirs[kind] == folder:
@@ -120,21 +139,21 @@ class Workflow:
         raise KeyError(f"no planned run uses the KV artifact {folder}")
 
     def collect_args(self, wildcards: Any) -> str:
-        folder = f"{self.resources}/kv/{wildcards.model}/{wildcards.artifact}"
-        return _quote(self._artifact_run("collect", folder).overrides)
+        return _quote(self._artifact_run("collect", wildcards).overrides)
 
     def collect_inputs(self, wildcards: Any) -> list[str]:
-        folder = f"{self.resources}/kv/{wildcards.model}/{wildcards.artifact}"
-        return self.run_inputs_of(self._artifact_run("collect", folder), codebooks=False)
+        return self.run_inputs_of(self._artifact_run("collect", wildcards), codebooks=False)
 
     def train_args(self, wildcards: Any) -> str:
-        folder = f"{self.resources}/codebooks/{wildcards.model}/{wildcards.artifact}"
-        return _quote(self._artifact_run("train", folder).overrides)
+        return _quote(self._artifact_run("train", wildcards).overrides)
 
     def train_inputs(self, wildcards: Any) -> list[str]:
-        folder = f"{self.resources}/codebooks/{wildcards.model}/{wildcards.artifact}"
-        run = self._artifact_run("train", folder)
+        run = self._artifact_run("train", wildcards)
         return [f"{artifact_dirs(run.config)['collect']}/{KV_FILE}"]
+
+    def collect_gpus(self, wildcards: Any) -> int:
+        """Collection runs the model where the run that needs it does (training: on the CPU)."""
+        return int(needs_gpu(self._artifact_run("collect", wildcards)))
 
     def run_args(self, wildcards: Any) -> str:
         return _quote(self.runs[(wildcards.experiment, wildcards.run_id)].overrides)
@@ -144,6 +163,23 @@ class Workflow:
         jobs share the cores), else every core (snakemake caps it at --cores)."""
         run = self.runs[(wildcards.experiment, wildcards.run_id)]
         return int(run.config["experiment"].get("job_threads") or os.cpu_count() or 1)
+
+    def run_mem_mb(self, wildcards: Any) -> int:
+        """A job's host memory (Slurm's --mem): experiment.job_mem_mb, set from measured peaks."""
+        run = self.runs[(wildcards.experiment, wildcards.run_id)]
+        return int(run.config["experiment"].get("job_mem_mb") or DEFAULT_MEM_MB)
+
+    def run_runtime(self, wildcards: Any) -> int:
+        """A job's wall-time limit in minutes (Slurm's --time): experiment.job_runtime_min."""
+        run = self.runs[(wildcards.experiment, wildcards.run_id)]
+        return int(run.config["experiment"].get("job_runtime_min") or DEFAULT_RUNTIME_MIN)
+
+    def run_gpus(self, wildcards: Any) -> int:
+        return int(needs_gpu(self.runs[(wildcards.experiment, wildcards.run_id)]))
+
+    @property
+    def report_args(self) -> str:
+        return _quote(["--config", *self.config_args] if self.config_args else [])
 
     def run_dir(self, wildcards: Any) -> str:
         return f"{self.results}/runs/{wildcards.experiment}/{wildcards.run_id}"

@@ -8,6 +8,7 @@ removed, numpy as `np`), and `where` with pandas' DataFrame.query.
 
 from __future__ import annotations
 
+import html
 import math
 import operator
 import re
@@ -311,17 +312,13 @@ def _failure(failed: np.ndarray, total: int, op: str, check: str) -> str:
     return f"{failed.size} of {total} values fail {check} ({', '.join(notes)})"
 
 
-def render_claims_md(results: Sequence[ClaimResult], generated_note: str) -> str:
-    """The generated claims page: a status summary, then one table per experiment."""
-    lines = ["# Claims", ""]
-    if generated_note:
-        lines += [generated_note, ""]
+def claims_frames(results: Sequence[ClaimResult]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """The status summary and one table per experiment: what both claims pages show."""
     statuses = [res.status for res in results]
     summary = pd.DataFrame({"status": STATUSES, "claims": [statuses.count(s) for s in STATUSES]})
-    lines += ["## Summary", "", to_markdown(summary)]
-    experiments = list(dict.fromkeys(res.experiment for res in results))
-    for experiment in experiments:
-        rows = [
+    per_experiment: dict[str, pd.DataFrame] = {}
+    for experiment in dict.fromkeys(res.experiment for res in results):
+        per_experiment[experiment] = pd.DataFrame([
             {
                 "claim id": res.claim.id,
                 "claim (paper's words)": res.claim.paper.strip()
@@ -334,6 +331,35 @@ def render_claims_md(results: Sequence[ClaimResult], generated_note: str) -> str
             }
             for res in results
             if res.experiment == experiment
-        ]
-        lines += [f"## {experiment}", "", to_markdown(pd.DataFrame(rows))]
+        ])
+    return summary, per_experiment
+
+
+def render_claims_md(results: Sequence[ClaimResult], generated_note: str) -> str:
+    """The generated claims page: a status summary, then one table per experiment."""
+    summary, per_experiment = claims_frames(results)
+    lines = ["# Claims", ""]
+    if generated_note:
+        lines += [generated_note, ""]
+    lines += ["## Summary", "", to_markdown(summary)]
+    for experiment, df in per_experiment.items():
+        lines += [f"## {experiment}", "", to_markdown(df)]
     return "\n".join(lines)
+
+
+_CLAIMS_CSS = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;"
+               "margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 6px;"
+               "vertical-align:top;font-size:13px}th{background:#eee}")
+
+
+def render_claims_html(results: Sequence[ClaimResult], generated_note: str) -> str:
+    """The same page as a standalone HTML file, for Snakemake's report (which shows HTML)."""
+    summary, per_experiment = claims_frames(results)
+    parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8"><title>Claims</title>',
+             f"<style>{_CLAIMS_CSS}</style></head><body>", "<h1>Claims</h1>",
+             f"<p>{html.escape(generated_note)}</p>", "<h2>Summary</h2>",
+             summary.to_html(index=False)]
+    for experiment, df in per_experiment.items():
+        parts += [f'<h2 id="{html.escape(experiment)}">{html.escape(experiment)}</h2>',
+                  df.to_html(index=False, classes="claims", na_rep="")]
+    return "\n".join([*parts, "</body></html>"]) + "\n"

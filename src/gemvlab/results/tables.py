@@ -255,6 +255,18 @@ def _cell(value: Any) -> str:
     return text.replace("|", r"\|").replace("\r", " ").replace("\n", " ")
 
 
+def untimed(df: pd.DataFrame, spec: Mapping) -> pd.DataFrame:
+    """The table without the columns its spec marks `timed` (wall-clock measurements): what
+    two runs of the same config, on any machine or executor, must give identically."""
+    timed = [str(col) for col in spec.get("timed") or []]
+    unknown = [col for col in timed if col not in df.columns]
+    # A table without rows (a smaller scale leaves some runs out) has no metric columns either.
+    if unknown and len(df):
+        raise GemvlabError(f"table spec marks timed column(s) {unknown} that are not in the "
+                           f"table {list(df.columns)}")
+    return df.drop(columns=[col for col in timed if col in df.columns])
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub pipe table; numeric columns right-aligned. Own writer: no tabulate dependency."""
     numeric = [

@@ -1,4 +1,5 @@
-"""Stage claims: check every experiment's claims.yaml against its tables -> results/CLAIMS.md."""
+"""Stage claims: check every experiment's claims.yaml against its tables -> results/CLAIMS.md
+(and CLAIMS.html, the same page for the Snakemake report)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,12 @@ def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
 
 @stage("claims")
 def claims(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
-    from gemvlab.results.claims import check_claim, load_claims, render_claims_md
+    from gemvlab.results.claims import (
+        check_claim,
+        load_claims,
+        render_claims_html,
+        render_claims_md,
+    )
 
     results = Path(cfg.paths.results)
     experiments = list(cfg.report.experiments or experiment_ids())
@@ -38,6 +44,7 @@ def claims(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         checked += [check_claim(exp, c, tables, cfg.scale.name) for c in claim_list]
     scale_note = f"{NOTE} Scale of the runs: `{cfg.scale.name}`."
     atomic_write_text(results / "CLAIMS.md", render_claims_md(checked, scale_note))
+    atomic_write_text(results / "CLAIMS.html", render_claims_html(checked, scale_note))
     metrics: dict[str, float] = {"claims": len(checked)}
     for result in checked:
         key = result.status.replace(" ", "_")

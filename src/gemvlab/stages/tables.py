@@ -1,4 +1,5 @@
-"""Stage tables: rebuild results/tables/<experiment>/ from run records, never by hand."""
+"""Stage tables: rebuild results/tables/<experiment>/ from run records, never by hand, and
+draw the experiment's plots (experiment.plots) from those tables."""
 
 from __future__ import annotations
 
@@ -37,7 +38,31 @@ def tables(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         ctx.tracker.log_table(f"{exp}/{name}", df, [out_dir / f"{name}.csv",
                                                     out_dir / f"{name}.md"])
         metrics[f"rows_{name}"] = len(df)
+    metrics["plots"] = write_plots(cfg, out_dir)
     return metrics
+
+
+def write_plots(cfg: DictConfig, out_dir: Path) -> int:
+    """Draw each declared plot into <out_dir>/<name>.png; returns how many were drawn.
+
+    The plots read the declared tables back from their CSVs, as the claims do: in memory a
+    pattern's placeholders (context, batch) are still strings, in the CSV they are numbers.
+    """
+    specs = cfg.experiment.get("plots")
+    if not specs:
+        return 0
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from gemvlab.results.plots import draw, save_png
+    from gemvlab.stages.claims import read_tables
+
+    declared = set(cfg.experiment.tables)
+    tables = {name: df for name, df in read_tables(out_dir).items() if name in declared}
+    for name, spec in specs.items():
+        save_png(draw(str(name), OmegaConf.to_container(spec, resolve=True), tables),
+                 out_dir / f"{name}.png")
+    return len(specs)
 
 
 if __name__ == "__main__":
