@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install NVIDIA kvpress 0.5.5 into its own folder for the Keyformer peer comparison
-# (python -m gemvlab.kv.peer_kvpress). kvpress pins transformers<5.3, so it cannot share the
+# (python -m gemvlab.kv.evict.peer_kvpress). kvpress pins transformers<5.3, so it cannot share the
 # main environment: the peer process alone puts this folder first on its PYTHONPATH, where it
 # shadows the venv's transformers. Everything goes in with --no-deps; the folder holds only what
 # the venv does not satisfy: kvpress, transformers 5.2.0 with the huggingface-hub (<2) and

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from gemvlab.kv import commvq
+from gemvlab.kv.quant import commvq
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from gemvlab.kv.bitpack import packed_bytes, unpack_codes
-from gemvlab.kv.commvq_attention import (
+from gemvlab.kv.quant.bitpack import packed_bytes, unpack_codes
+from gemvlab.kv.quant.commvq_attention import (
     CompressedLayer,
     commutative_attention,
     naive_attention,
     random_layer,
 )
-from gemvlab.kv.commvq_speed import decode_speed
+from gemvlab.kv.quant.commvq_speed import decode_speed
 
 H, HQ, D, R, L, N, T, W = 2, 4, 16, 3, 8, 24, 37, 5
 BASE = 10000.0

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from gemvlab.kv.bitpack import pack_codes, packed_bytes, unpack_codes
-from gemvlab.kv.kivi import (
+from gemvlab.kv.quant.bitpack import pack_codes, packed_bytes, unpack_codes
+from gemvlab.kv.quant.kivi import (
     KiviPacked,
     bits_per_element,
     dequantize,

@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 
-from gemvlab.kv import attention
-from gemvlab.kv.analysis import attention_concentration
-from gemvlab.kv.attention import bound
-from gemvlab.kv.cache import KVCache
-from gemvlab.kv.generate import (
+from gemvlab.kv.evict import attention
+from gemvlab.kv.evict.analysis import attention_concentration
+from gemvlab.kv.evict.attention import bound
+from gemvlab.kv.evict.cache import KVCache
+from gemvlab.kv.evict.generate import (
     FULL,
     continuation_steps,
     decode,
@@ -23,8 +23,8 @@ from gemvlab.kv.generate import (
     prefill,
     score_continuation,
 )
-from gemvlab.kv.policies import KVPolicy, evict_one, keep_indices, score_contribution
-from gemvlab.kv.speed_bench import speed_metrics
+from gemvlab.kv.evict.policies import KVPolicy, evict_one, keep_indices, score_contribution
+from gemvlab.kv.evict.speed_bench import speed_metrics
 from tests.tiny import make_gemma3, make_llama
 
 WINDOW = KVPolicy("window")
@@ -58,7 +58,7 @@ def test_full_budget_reproduces_the_models_logits_exactly(model):
                                return_dict_in_generate=True, pad_token_id=0,
                                attention_mask=torch.ones_like(ids))
     cache = make_cache(FULL, None, 24, 6)
-    from gemvlab.kv.generate import _forward
+    from gemvlab.kv.evict.generate import _forward
 
     with torch.no_grad(), bound(model, cache):
         ours = _forward(model, cache, ids, 0, last_only=False)
@@ -97,7 +97,7 @@ def test_each_policy_keeps_exactly_its_budget_and_shrinks_the_tensors(model, pol
     assert out.kept_tokens == tokens
     cache = make_cache(policy, budget, 30, 8)
     last, _ = None, None
-    from gemvlab.kv.generate import _forward
+    from gemvlab.kv.evict.generate import _forward
 
     with torch.no_grad(), bound(model, cache):
         last = _forward(model, cache, ids, 0, last_only=True)[:, -1]
@@ -116,7 +116,7 @@ def test_prompt_only_compression_lets_the_cache_grow_while_decoding():
     policy = KVPolicy("streaming_prompt", sinks=4, decode_evicts=False)
     cache = make_cache(policy, 0.5, 30, 6)
     last, _ = None, None
-    from gemvlab.kv.generate import _forward
+    from gemvlab.kv.evict.generate import _forward
 
     with torch.no_grad(), bound(model, cache):
         last = _forward(model, cache, _ids(1, 30), 0, last_only=True)[:, -1]
@@ -205,7 +205,7 @@ def test_evicted_tokens_keep_their_original_positions():
     ids = _ids(1, 20, seed=4)
     out = generate(model, ids, WINDOW, 0.4, 2)                  # keeps positions 12 ... 19
     cache = make_cache(WINDOW, 0.4, 20, 2)
-    from gemvlab.kv.generate import _forward
+    from gemvlab.kv.evict.generate import _forward
 
     nxt = out.tokens[:, :1]
     with torch.no_grad(), bound(model, cache):
@@ -228,7 +228,7 @@ def test_gemma_sliding_layers_never_see_keys_past_their_window():
     ids = _ids(1, 20, seed=6)
     with torch.no_grad():
         ref = model(ids).logits
-    from gemvlab.kv.generate import _forward
+    from gemvlab.kv.evict.generate import _forward
 
     cache = make_cache(FULL, None, 20, 0)
     with torch.no_grad(), bound(model, cache):

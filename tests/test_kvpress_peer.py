@@ -1,4 +1,4 @@
-"""The kvpress 0.5.5 peer (python -m gemvlab.kv.peer_kvpress) in its own side folder."""
+"""The kvpress 0.5.5 peer (python -m gemvlab.kv.evict.peer_kvpress) in its own side folder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gemvlab.config import REPO_ROOT
-from gemvlab.kv.peer_kvpress import compression_ratio
+from gemvlab.kv.evict.peer_kvpress import compression_ratio
 from tests.tiny import make_tokenizer, save_model_folder
 
 KVPRESS = REPO_ROOT / ".whl" / "kvpress"
@@ -24,7 +24,7 @@ def _run(args: list[str], pythonpath: str | None) -> subprocess.CompletedProcess
     env.pop("PYTHONPATH", None)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    return subprocess.run([sys.executable, "-m", "gemvlab.kv.peer_kvpress", *args],
+    return subprocess.run([sys.executable, "-m", "gemvlab.kv.evict.peer_kvpress", *args],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -88,8 +88,8 @@ def test_our_streaming_generates_what_kvpress_generates(tmp_path: Path) -> None:
     generates the same ids on the same inputs."""
     import torch
 
-    from gemvlab.kv.generate import generate
-    from gemvlab.kv.policies import KVPolicy
+    from gemvlab.kv.evict.generate import generate
+    from gemvlab.kv.evict.policies import KVPolicy
     from tests.tiny import make_llama
 
     folder = tmp_path / "tiny"

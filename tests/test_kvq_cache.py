@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from gemvlab.kv import commvq
-from gemvlab.kv.codecs import CommVQCodec, KiviCodec
-from gemvlab.kv.quant_cache import (
+from gemvlab.kv.quant import commvq
+from gemvlab.kv.quant.codecs import CommVQCodec, KiviCodec
+from gemvlab.kv.quant.quant_cache import (
     QuantKVCache,
     collect,
     continuation_nll,

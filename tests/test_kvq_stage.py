@@ -9,8 +9,8 @@ import torch
 
 from gemvlab.config import compose, to_plain
 from gemvlab.errors import GemvlabError
-from gemvlab.kv import commvq
-from gemvlab.models.kv_codebooks import (
+from gemvlab.kv.quant import commvq
+from gemvlab.kv.quant.codebooks import (
     artifact_dirs,
     load_codebooks,
     load_tensors,

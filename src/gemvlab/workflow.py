@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gemvlab.config import PlannedRun, experiment_ids, plan_experiment
-from gemvlab.models.kv_codebooks import CODEBOOK_FILE, KV_FILE, artifact_dirs, needs_codebooks
+from gemvlab.kv.quant.codebooks import CODEBOOK_FILE, KV_FILE, artifact_dirs, needs_codebooks
 
 _ARTIFACT_FOLDERS = {"collect": "kv", "train": "codebooks"}
 # A run job's resources where its experiment does not set them (job_mem_mb, job_runtime_min).

@@ -1,2 +1,1 @@
-"""KV-cache compression: a cache that physically evicts tokens, the policies (full, window,
-StreamingLLM, H2O, Keyformer) and the generation loops that run models through it."""
+"""KV-cache compression: eviction policies (evict/) and quantized caches (quant/)."""

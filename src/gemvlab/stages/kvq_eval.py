@@ -36,10 +36,10 @@ TASKS = ("quality", "passkey", "mse")
 
 def build_codecs(cfg: DictConfig, plain: dict, model) -> dict:
     """Setting name -> codec (None: full precision), in the configured order."""
-    from gemvlab.kv import commvq
-    from gemvlab.kv.codecs import CommVQCodec, KiviCodec
-    from gemvlab.kv.quant_cache import model_rotation
-    from gemvlab.models.kv_codebooks import (
+    from gemvlab.kv.quant import commvq
+    from gemvlab.kv.quant.codecs import CommVQCodec, KiviCodec
+    from gemvlab.kv.quant.quant_cache import model_rotation
+    from gemvlab.kv.quant.codebooks import (
         CODEBOOK_FILE,
         artifact_dirs,
         load_codebooks,
@@ -92,7 +92,7 @@ def _cache_measures(cache, tokens: int, layers: int, heads: int, dim: int) -> di
 def quality_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dict[str, float]:
     from gemvlab.eval.perplexity import corpus_ids
     from gemvlab.eval.suite import read_texts
-    from gemvlab.kv.quant_cache import continuation_nll, prefill
+    from gemvlab.kv.quant.quant_cache import continuation_nll, prefill
 
     qcfg, window = cfg.eval.kvq, int(cfg.method.window)
     contexts = [int(c) for c in by_scale(qcfg.contexts, scale)]
@@ -135,7 +135,7 @@ def passkey_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dic
     from gemvlab.eval.passkey import answer_correct, passkey_prompt
     from gemvlab.eval.perplexity import corpus_ids
     from gemvlab.eval.suite import read_texts
-    from gemvlab.kv.quant_cache import forward_chunk, greedy, prefill
+    from gemvlab.kv.quant.quant_cache import forward_chunk, greedy, prefill
 
     pcfg, window = cfg.eval.kvq, int(cfg.method.window)
     lengths = [int(n) for n in by_scale(pcfg.lengths, scale)]
@@ -179,8 +179,8 @@ def passkey_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dic
 
 
 def mse_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dict[str, float]:
-    from gemvlab.kv.commvq import from_pairs, to_pairs
-    from gemvlab.kv.quant_cache import collect, model_rotation
+    from gemvlab.kv.quant.commvq import from_pairs, to_pairs
+    from gemvlab.kv.quant.quant_cache import collect, model_rotation
 
     mcfg = cfg.eval.kvq
     device = next(model.parameters()).device

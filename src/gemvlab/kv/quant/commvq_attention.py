@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gemvlab.kv.bitpack import pack_codes, unpack_codes
+from gemvlab.kv.quant.bitpack import pack_codes, unpack_codes
 
 
 @dataclass

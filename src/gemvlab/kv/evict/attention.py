@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from gemvlab.kv.cache import KVCache
-from gemvlab.kv.policies import score_contribution
+from gemvlab.kv.evict.cache import KVCache
+from gemvlab.kv.evict.policies import score_contribution
 
 NAME = "gemvlab_kv"
 _ACTIVE: contextvars.ContextVar[KVCache | None] = contextvars.ContextVar("gemvlab_kv_cache",
@@ -96,7 +96,7 @@ def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     """transformers' attention signature; the cache comes from the bound session."""
     cache = _ACTIVE.get()
     if cache is None or cache.query_positions is None:
-        raise RuntimeError("gemvlab_kv attention runs only inside gemvlab.kv.generate's loops")
+        raise RuntimeError("gemvlab_kv attention runs only inside gemvlab.kv.evict.generate's loops")
     slots = cache.layer(module.layer_idx)
     was_empty = slots.n == 0
     q_pos = cache.query_positions

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gemvlab.kv import commvq, kivi
-from gemvlab.kv.bitpack import pack_codes, unpack_codes
+from gemvlab.kv.quant import commvq, kivi
+from gemvlab.kv.quant.bitpack import pack_codes, unpack_codes
 
 # positions [T] -> complex [T, D/2]: the factor RoPE multiplies each key pair by.
 Rotation = Callable[[Tensor], Tensor]

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from gemvlab.kv.generate import generate
-from gemvlab.kv.policies import KVPolicy
+from gemvlab.kv.evict.generate import generate
+from gemvlab.kv.evict.policies import KVPolicy
 
 
 def _peak_mb(device: torch.device) -> float | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gemvlab.kv.policies import KVPolicy, evict_one, keep_indices
+from gemvlab.kv.evict.policies import KVPolicy, evict_one, keep_indices
 
 
 @dataclass

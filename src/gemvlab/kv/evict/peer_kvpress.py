@@ -3,7 +3,7 @@
 kvpress pins transformers<5.3, so it lives in .whl/kvpress (``bash scripts/install_kvpress.sh``)
 and only this process sees it::
 
-    PYTHONPATH=.whl/kvpress .venv/bin/python -m gemvlab.kv.peer_kvpress \\
+    PYTHONPATH=.whl/kvpress .venv/bin/python -m gemvlab.kv.evict.peer_kvpress \\
         --model <folder> --input items.json --output out.json
 
 items.json: ``{"max_new_tokens": int, "presses": [{"name": "streaming_llm" | "observed_attention"
@@ -69,7 +69,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gemvlab.kv.peer_kvpress",
+    parser = argparse.ArgumentParser(prog="python -m gemvlab.kv.evict.peer_kvpress",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, type=Path, help="local model folder")
     parser.add_argument("--input", required=True, type=Path, help="items.json")

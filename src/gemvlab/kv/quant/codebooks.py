@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from gemvlab.errors import GemvlabError
-from gemvlab.kv.commvq import KeyCodebook, ValueCodec
+from gemvlab.kv.quant.commvq import KeyCodebook, ValueCodec
 
 KV_FILE = "kv.safetensors"
 CODEBOOK_FILE = "codebooks.safetensors"

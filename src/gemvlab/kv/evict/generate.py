@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gemvlab.kv.attention import bound
-from gemvlab.kv.cache import KVCache
-from gemvlab.kv.policies import KVPolicy, budget_tokens
+from gemvlab.kv.evict.attention import bound
+from gemvlab.kv.evict.cache import KVCache
+from gemvlab.kv.evict.policies import KVPolicy, budget_tokens
 
 FULL = KVPolicy("full", evicts=False)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gemvlab.kv.bitpack import pack_codes, unpack_codes
+from gemvlab.kv.quant.bitpack import pack_codes, unpack_codes
 
 AXES = ("channel", "token")
 

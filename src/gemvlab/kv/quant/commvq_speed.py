@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gemvlab.kv.commvq_attention import (
+from gemvlab.kv.quant.commvq_attention import (
     CompressedLayer,
     commutative_attention,
     naive_attention,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gemvlab.kv.codecs import Codec, Packed, Rotation
+from gemvlab.kv.quant.codecs import Codec, Packed, Rotation
 
 NAME = "gemvlab_kvq"
 _ACTIVE: contextvars.ContextVar[object | None] = contextvars.ContextVar("gemvlab_kvq",
@@ -170,7 +170,7 @@ class Collector:
 
 
 def _unrotate(keys: Tensor, positions: Tensor, rotation: Rotation) -> Tensor:
-    from gemvlab.kv.commvq import from_pairs, to_pairs
+    from gemvlab.kv.quant.commvq import from_pairs, to_pairs
 
     return from_pairs(to_pairs(keys) / rotation(positions)[:, None])
 
@@ -181,7 +181,7 @@ def kvq_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Te
     """transformers' attention signature; the cache or collector comes from ``bound``."""
     state = _ACTIVE.get()
     if state is None:
-        raise RuntimeError("gemvlab_kvq attention runs only inside gemvlab.kv.quant_cache")
+        raise RuntimeError("gemvlab_kvq attention runs only inside gemvlab.kv.quant.quant_cache")
     if query.shape[0] != 1:
         raise ValueError("the quantized KV cache runs one sequence at a time (batch 1)")
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H, D]

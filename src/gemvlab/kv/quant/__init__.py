@@ -1,0 +1,1 @@
+"""KV-cache quantization (KIVI, CommVQ): codecs, packed codes, the quantized cache."""
