@@ -11,7 +11,7 @@ W = Workflow.from_config(config)
 
 include: "rules/fetch.smk"
 include: "rules/stages.smk"
-include: "rules/kvq.smk"
+include: "rules/artifacts.smk"
 include: "rules/report.smk"
 
 

@@ -1,7 +1,8 @@
-# The run stages: one job per planned run, by the stage its experiment gives it. A run's
-# folder name is its run_id, so each rule's wildcard constraint matches only its own runs.
+# The run stages: one job per planned run, by the stage its experiment gives it; the stages are
+# those of the planned runs, served by the registered runners (gemvlab.registry). A run's folder
+# name is its run_id, so each rule's wildcard constraint matches only its own runs.
 
-for _stage in ("evaluate", "quantize", "finetune", "bench", "kv_eval", "kvq_eval", "simulate"):
+for _stage in W.stages:
 
     rule:
         name:
@@ -27,5 +28,5 @@ for _stage in ("evaluate", "quantize", "finetune", "bench", "kv_eval", "kvq_eval
             runtime=W.run_runtime,
             gpu=W.run_gpus,
         shell:
-            "{params.py} -m gemvlab.stages.{params.stage} {params.run} threads={threads} "
+            "{params.py} -m gemvlab.stages {params.stage} {params.run} threads={threads} "
             "hydra.run.dir={params.run_dir} > {log} 2>&1"

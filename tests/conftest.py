@@ -22,9 +22,15 @@ PROSE = ("It is a truth universally acknowledged, that a single man in possessio
          "fortune, must be in want of a wife. ") * 6
 
 
+BOOKKEEPING = ("fetch_model", "fetch_data", "tables", "claims")
+
+
 def run_stage(stage: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m gemvlab.stages.<stage>` as a user would, from the repo root."""
-    return subprocess.run([sys.executable, "-m", f"gemvlab.stages.{stage}", *overrides,
+    """Run a stage as a user would, from the repo root: `python -m gemvlab.stages <stage>`
+    for run stages, `python -m gemvlab.stages.<stage>` for fetch_model, fetch_data, tables,
+    claims."""
+    entry = [f"gemvlab.stages.{stage}"] if stage in BOOKKEEPING else ["gemvlab.stages", stage]
+    return subprocess.run([sys.executable, "-m", *entry, *overrides,
                            "logger=none"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -12,8 +12,7 @@ import torch
 from gemvlab.config import compose
 from gemvlab.errors import GemvlabError
 from gemvlab.kernels.decode_ops_bench import measure_decode_ops
-from gemvlab.stage import execute
-from gemvlab.stages.bench import run_bench
+from gemvlab.stage import dispatch, execute
 
 D_MODEL, HEADS, D_FF = 32, 4, 64
 ARGS = {"d_model": D_MODEL, "heads": HEADS, "d_ff": D_FF, "batches": [1, 3],
@@ -89,7 +88,7 @@ def _cfg(tmp_path: Path, bench: str, *overrides: str):
 
 def test_bench_stage_decode_ops_writes_every_key(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "neupims_cpu")
-    execute("bench", run_bench, cfg, tmp_path / "run")
+    execute("bench", dispatch("bench"), cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     b = cfg.bench
     ops = _ops(list(b.batches), list(b.contexts), list(b.attn_batches))
@@ -103,7 +102,7 @@ def test_bench_stage_decode_ops_writes_every_key(tmp_path: Path) -> None:
 def test_bench_stage_decode_ops_bad_shape_is_a_clear_error(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "neupims_cpu", "bench.shape.heads=5")
     with pytest.raises(GemvlabError, match="divisible by heads"):
-        execute("bench", run_bench, cfg, tmp_path / "run")
+        execute("bench", dispatch("bench"), cfg, tmp_path / "run")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -111,4 +110,4 @@ def test_bench_stage_neupims_gpu_without_a_gpu_says_so(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "neupims_gpu")
     assert cfg.bench.shape.d_model == 4096 and cfg.bench.kind == "decode_ops"
     with pytest.raises(GemvlabError, match="needs a CUDA GPU.*bench=neupims_cpu"):
-        execute("bench", run_bench, cfg, tmp_path / "run")
+        execute("bench", dispatch("bench"), cfg, tmp_path / "run")

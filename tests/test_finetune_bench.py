@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from gemvlab.config import REPO_ROOT, compose
 from gemvlab.finetune import step_bench
+from gemvlab.finetune.runs import step_metrics
 from gemvlab.finetune.step_bench import (
     BLOCK_SIZE,
     LORA_RANK,
@@ -20,8 +21,7 @@ from gemvlab.finetune.step_bench import (
     benchmark_steps,
     measure_step,
 )
-from gemvlab.stage import execute
-from gemvlab.stages.bench import run_bench, step_metrics
+from gemvlab.stage import dispatch, execute
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
@@ -123,7 +123,7 @@ def test_bench_stage_finetune_writes_step_and_ratio_metrics(tmp_path: Path) -> N
                    "bench.impls=[lora,oftv2,peft015_oft]", f"bench.peft015_path={tmp_path}/no",
                    "bench.batch=1", "bench.seq_len=16", "bench.warmup=0", "bench.repeats=2"])
     cfg.bench.models = OmegaConf.create({"tiny": MODEL})
-    execute("bench", run_bench, cfg, tmp_path / "run")
+    execute("bench", dispatch("bench"), cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for impl in ("lora", "oftv2"):
         assert metrics[f"step/{impl}/tiny/step_ms"] > 0

@@ -13,11 +13,11 @@ from gemvlab.config import compose
 from gemvlab.errors import GemvlabError
 from gemvlab.hwsim import costs, gpu, traces
 from gemvlab.hwsim.hardware import LLM, NPU, PIM, GPUSpec
+from gemvlab.hwsim.runs import run_simulate
 from gemvlab.hwsim.schedule import ARRAYS, VECTOR, schedule
 from gemvlab.hwsim.schedule import PIM as IN_PIM
 from gemvlab.hwsim.simulator import SYSTEMS, Machine, simulate
 from gemvlab.stage import execute
-from gemvlab.stages.simulate import run_simulate
 
 TINY = LLM("tiny", layers=2, heads=4, d_model=256, d_ff=1024, tp=1, pp=1)
 SPEC = GPUSpec("test-gpu", tflops=100.0, bandwidth_gbs=1000.0)

@@ -6,7 +6,7 @@ import pytest
 
 from gemvlab.config import compose
 from gemvlab.errors import GemvlabError
-from gemvlab.stages.kv_eval import policies, settings
+from gemvlab.kv.evict.runs import policies, settings
 from tests.conftest import run_stage
 
 

@@ -18,7 +18,7 @@ from gemvlab.kv.quant.codebooks import (
     save_codebooks,
     save_tensors,
 )
-from gemvlab.stages.kvq_eval import build_codecs
+from gemvlab.kv.quant.runs import build_codecs
 from tests.tiny import make_llama
 
 
@@ -54,7 +54,7 @@ def test_unknown_codec_and_missing_codebooks_fail_clearly(tmp_path: Path):
         build_codecs(cfg, to_plain(cfg), model)
     cfg = compose(["experiment=commvq", "scale=smoke", f"paths.resources={tmp_path}"])
     with pytest.raises(GemvlabError, match="codebooks.safetensors is missing: run python -m "
-                                           "gemvlab.stages.kv_train"):
+                                           "gemvlab.stages kv_train"):
         build_codecs(cfg, to_plain(cfg), model)
 
 

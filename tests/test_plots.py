@@ -10,11 +10,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from gemvlab.config import REPO_ROOT, compose, experiment_ids
+from gemvlab.config import REPO_ROOT, compose, experiment_ids, to_plain
 from gemvlab.errors import GemvlabError
-from gemvlab.results.plots import DPI, draw, save_png
-from gemvlab.stages.claims import read_tables
-from gemvlab.stages.tables import write_plots
+from gemvlab.results.plots import DPI, draw, save_png, write_plots
+from gemvlab.results.tables import read_tables
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PNG_BYTES = 150_000
@@ -147,5 +146,5 @@ def test_the_stage_writes_one_png_per_declared_plot(tmp_path: Path):
     for png in out.glob("*.png"):
         png.unlink()
     cfg = compose(["experiment=neupims"])
-    assert write_plots(cfg, out) == len(cfg.experiment.plots)
+    assert write_plots(to_plain(cfg)["experiment"], out) == len(cfg.experiment.plots)
     assert sorted(p.stem for p in out.glob("*.png")) == sorted(cfg.experiment.plots)

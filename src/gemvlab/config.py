@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -112,3 +113,8 @@ def plan_experiment(experiment: str, extra: Sequence[str] = ()) -> list[PlannedR
 
 def experiment_ids() -> list[str]:
     return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+
+
+def by_scale(node: Any, scale: str) -> Any:
+    """A setting given per scale ({smoke: .., cpu: ..}) or once for all scales."""
+    return node[scale] if isinstance(node, Mapping | DictConfig) and scale in node else node

@@ -100,6 +100,16 @@ def execute(name: str, body: StageFn, cfg: DictConfig, run_dir: Path) -> dict[st
     return metrics
 
 
+def dispatch(name: str) -> StageFn:
+    """The body of a run stage: the registered runner its resolved config selects."""
+    from gemvlab.registry import runner_for
+
+    def body(cfg: DictConfig, ctx: StageContext) -> Mapping[str, float]:
+        return runner_for(name, ctx.config).run(cfg, ctx)
+
+    return body
+
+
 def stage(name: str) -> Callable[[StageFn], Callable[[], None]]:
     """Turn a stage body into a `python -m gemvlab.stages.<name>` entry point (@hydra.main)."""
 

@@ -11,24 +11,31 @@ import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from gemvlab.config import PlannedRun, experiment_ids, plan_experiment
-from gemvlab.kv.quant.codebooks import CODEBOOK_FILE, KV_FILE, artifact_dirs, needs_codebooks
+from gemvlab.registry import Artifact, Runner, runner_for
 
-_ARTIFACT_FOLDERS = {"collect": "kv", "train": "codebooks"}
 # A run job's resources where its experiment does not set them (job_mem_mb, job_runtime_min).
 DEFAULT_MEM_MB = 8000
 DEFAULT_RUNTIME_MIN = 60
 
 
+def runner_of(run: PlannedRun) -> Runner:
+    return runner_for(run.stage, run.config)
+
+
 def needs_gpu(run: PlannedRun) -> bool:
-    """A benchmark asks for CUDA in its bench config; a model stage by its scale's device."""
-    if run.stage == "bench":
-        return run.config.get("bench", {}).get("device") == "cuda"
-    if run.stage == "simulate":
-        return False
-    return run.config["scale"]["device"] == "cuda"
+    """Whether a run needs a CUDA GPU, as its runner declares."""
+    return runner_of(run).needs_gpu(run.config)
+
+
+def _regex(values: set[str]) -> str:
+    """A regex matching exactly these strings (never-matching if none)."""
+    import re
+
+    return "|".join(re.escape(v) for v in sorted(values)) if values else "(?!x)x"
 
 
 def _quote(items: list[str] | tuple[str, ...]) -> str:
@@ -68,16 +75,17 @@ class Workflow:
     def can_run(self, run: PlannedRun) -> bool:
         """Plan a run only where it can run, or when its record exists already.
 
-        A run that needs a CUDA GPU waits for a machine with one, and a hub model for
-        hub_online=true; so a CPU machine keeps committed GPU results in its tables without
-        trying to redo them, and an offline one leaves the hub's models out.
+        A run that needs a CUDA GPU at a CPU scale (a GPU benchmark) waits for a machine with
+        one, and a hub model for hub_online=true; so a CPU machine keeps committed GPU results
+        in its tables without trying to redo them, and an offline one leaves the hub's models
+        out. At a GPU scale the user asked for the GPU: every run is planned.
         """
         if os.path.isfile(f"{self.results}/runs/{run.experiment}/{run.run_id}/metrics.json"):
             return True
-        if run.stage != "bench" and run.config["model"].get("source") == "hub" \
+        if runner_of(run).uses_model and run.config["model"].get("source") == "hub" \
                 and not run.config.get("hub_online"):
             return False
-        if run.config.get("bench", {}).get("device") != "cuda":
+        if run.config["scale"]["device"] == "cuda" or not needs_gpu(run):
             return True
         import torch
 
@@ -106,54 +114,86 @@ class Workflow:
         """Fetching ignores scale and results, so changing them never refetches a model."""
         return _quote([f"paths.resources={self.resources}"])
 
+    @property
+    def stages(self) -> list[str]:
+        """The stages of the planned runs: one rule each."""
+        return sorted({run.stage for run in self.runs.values()})
+
     def run_ids_of(self, stage: str) -> str:
-        """A regex matching exactly the run_ids of one stage (never-matching if none)."""
-        ids = sorted({rid for (_, rid), run in self.runs.items() if run.stage == stage})
-        return "|".join(ids) if ids else "(?!x)x"
+        """A regex matching exactly the run_ids of one stage."""
+        return _regex({rid for (_, rid), run in self.runs.items() if run.stage == stage})
 
     def run_inputs(self, wildcards: Any) -> list[str]:
-        return self.run_inputs_of(self.runs[(wildcards.experiment, wildcards.run_id)])
+        return self.inputs_of(self.runs[(wildcards.experiment, wildcards.run_id)], None)
 
-    def run_inputs_of(self, run: PlannedRun, codebooks: bool = True) -> list[str]:
-        """A model and its eval datasets, and the KV codebooks its method trains; a benchmark
-        (random tensors) needs nothing, a simulation only the GPU measurements it calibrates on."""
-        if run.stage == "bench":
-            return []
-        if run.stage == "simulate":
-            return [run.config["hw"]["gpu"]["measurements"]]
-        datasets = run.config.get("eval", {}).get("datasets", [])
-        needs = [f"{self.resources}/models/{run.config['model']['name']}/manifest.json",
-                 *(f"{self.resources}/data/{d}/manifest.json" for d in datasets)]
-        if codebooks and needs_codebooks(run.config):
-            needs.append(f"{artifact_dirs(run.config)['train']}/{CODEBOOK_FILE}")
+    def inputs_of(self, run: PlannedRun, stage: str | None) -> list[str]:
+        """What a run (or, with ``stage``, one of its artifacts) reads, as its runner declares:
+        the model and the eval datasets when it uses a model, other files, and the files of
+        the artifacts made for it first."""
+        plain = run.config
+        runner = runner_for(stage or run.stage, plain)
+        needs = []
+        if runner.uses_model:
+            needs.append(f"{self.resources}/models/{plain['model']['name']}/manifest.json")
+            needs += [f"{self.resources}/data/{d}/manifest.json"
+                      for d in plain.get("eval", {}).get("datasets", [])]
+        needs += runner.inputs(plain)
+        needs += [a.path for a in runner.artifacts(plain)]
         return needs
 
-    def _artifact_run(self, kind: str, wildcards: Any) -> PlannedRun:
-        """A planned run whose KV artifact of this kind (collect, train) the job makes."""
-        folder = "/".join([self.resources, _ARTIFACT_FOLDERS[kind], wildcards.model,
-                           wildcards.artifact])
+    @cached_property
+    def artifacts(self) -> dict[str, tuple[Artifact, PlannedRun]]:
+        """Every artifact the planned runs need, directly or through another artifact, by its
+        file, with a run that needs it (its overrides make it)."""
+        found: dict[str, tuple[Artifact, PlannedRun]] = {}
         for run in self.runs.values():
-            dirs = artifact_dirs(run.config)
-            if dirs is not None and dirs[kind] == folder:
-                return run
-        raise KeyError(f"no planned run uses the KV artifact {folder}")
+            todo = list(runner_of(run).artifacts(run.config))
+            while todo:
+                art = todo.pop()
+                if art.path not in found:
+                    found[art.path] = (art, run)
+                    todo += runner_for(art.stage, run.config).artifacts(run.config)
+        return found
 
-    def collect_args(self, wildcards: Any) -> str:
-        return _quote(self._artifact_run("collect", wildcards).overrides)
+    @property
+    def artifact_stages(self) -> list[str]:
+        return sorted({art.stage for art, _ in self.artifacts.values()})
 
-    def collect_inputs(self, wildcards: Any) -> list[str]:
-        return self.run_inputs_of(self._artifact_run("collect", wildcards), codebooks=False)
+    def artifact_folders_of(self, stage: str) -> str:
+        """A regex matching exactly the folders of one stage's artifacts."""
+        return _regex({a.folder for a, _ in self.artifacts.values() if a.stage == stage})
 
-    def train_args(self, wildcards: Any) -> str:
-        return _quote(self._artifact_run("train", wildcards).overrides)
+    def artifact_file(self, stage: str) -> str:
+        """The file that marks one stage's artifacts done: the same for all of them."""
+        files = {a.file for a, _ in self.artifacts.values() if a.stage == stage}
+        if len(files) != 1:
+            raise ValueError(f"artifacts of stage {stage} must share one file name: {files}")
+        return files.pop()
 
-    def train_inputs(self, wildcards: Any) -> list[str]:
-        run = self._artifact_run("train", wildcards)
-        return [f"{artifact_dirs(run.config)['collect']}/{KV_FILE}"]
+    def _artifact(self, wildcards: Any) -> tuple[Artifact, PlannedRun]:
+        return next(found for found in self.artifacts.values()
+                    if found[0].folder == wildcards.folder)
 
-    def collect_gpus(self, wildcards: Any) -> int:
-        """Collection runs the model where the run that needs it does (training: on the CPU)."""
-        return int(needs_gpu(self._artifact_run("collect", wildcards)))
+    def artifact_inputs(self, wildcards: Any) -> list[str]:
+        art, run = self._artifact(wildcards)
+        return self.inputs_of(run, art.stage)
+
+    def artifact_args(self, wildcards: Any) -> str:
+        return _quote(self._artifact(wildcards)[1].overrides)
+
+    def artifact_threads(self, wildcards: Any) -> int:
+        return self._artifact(wildcards)[0].threads
+
+    def artifact_mem_mb(self, wildcards: Any) -> int:
+        return self._artifact(wildcards)[0].mem_mb
+
+    def artifact_runtime(self, wildcards: Any) -> int:
+        return self._artifact(wildcards)[0].runtime_min
+
+    def artifact_gpus(self, wildcards: Any) -> int:
+        """An artifact's stage runs where its runner says (collection: where the run does)."""
+        art, run = self._artifact(wildcards)
+        return int(runner_for(art.stage, run.config).needs_gpu(run.config))
 
     def run_args(self, wildcards: Any) -> str:
         return _quote(self.runs[(wildcards.experiment, wildcards.run_id)].overrides)

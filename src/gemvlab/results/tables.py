@@ -38,6 +38,13 @@ class Record:
     metrics: dict[str, float]
 
 
+def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
+    """Every table of a folder as written (CSV), the form claims and plots read."""
+    # keep_default_na=False: a task or model called "NA" stays a string
+    return {p.stem: pd.read_csv(p, keep_default_na=False, na_values=[""])
+            for p in sorted(folder.glob("*.csv"))}
+
+
 def load_record(run_dir: Path) -> Record:
     """Read a run record; refuse incomplete ones, since metrics.json is written last."""
     run_dir = Path(run_dir)

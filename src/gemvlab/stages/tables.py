@@ -22,6 +22,7 @@ def planned_run_ids(cfg: DictConfig) -> list[str]:
 
 @stage("tables")
 def tables(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    from gemvlab.results.plots import write_plots
     from gemvlab.results.tables import build_table, load_record, write_table
 
     exp = cfg.experiment.id
@@ -38,31 +39,8 @@ def tables(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         ctx.tracker.log_table(f"{exp}/{name}", df, [out_dir / f"{name}.csv",
                                                     out_dir / f"{name}.md"])
         metrics[f"rows_{name}"] = len(df)
-    metrics["plots"] = write_plots(cfg, out_dir)
+    metrics["plots"] = write_plots(OmegaConf.to_container(cfg.experiment, resolve=True), out_dir)
     return metrics
-
-
-def write_plots(cfg: DictConfig, out_dir: Path) -> int:
-    """Draw each declared plot into <out_dir>/<name>.png; returns how many were drawn.
-
-    The plots read the declared tables back from their CSVs, as the claims do: in memory a
-    pattern's placeholders (context, batch) are still strings, in the CSV they are numbers.
-    """
-    specs = cfg.experiment.get("plots")
-    if not specs:
-        return 0
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from gemvlab.results.plots import draw, save_png
-    from gemvlab.stages.claims import read_tables
-
-    declared = set(cfg.experiment.tables)
-    tables = {name: df for name, df in read_tables(out_dir).items() if name in declared}
-    for name, spec in specs.items():
-        save_png(draw(str(name), OmegaConf.to_container(spec, resolve=True), tables),
-                 out_dir / f"{name}.png")
-    return len(specs)
 
 
 if __name__ == "__main__":

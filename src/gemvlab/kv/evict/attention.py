@@ -96,7 +96,8 @@ def kv_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     """transformers' attention signature; the cache comes from the bound session."""
     cache = _ACTIVE.get()
     if cache is None or cache.query_positions is None:
-        raise RuntimeError("gemvlab_kv attention runs only inside gemvlab.kv.evict.generate's loops")
+        raise RuntimeError("gemvlab_kv attention runs only inside "
+                           "gemvlab.kv.evict.generate's loops")
     slots = cache.layer(module.layer_idx)
     was_empty = slots.n == 0
     q_pos = cache.query_positions

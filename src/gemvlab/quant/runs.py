@@ -1,4 +1,4 @@
-"""Stage quantize: load a model, analyse it, quantize its linear layers, evaluate the result."""
+"""Runner of stage quantize: load a model, analyse it, quantize its linear layers, evaluate."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
+from gemvlab.registry import runner
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.results.records import atomic_write_text
-from gemvlab.stage import StageContext, stage
+from gemvlab.stage import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ def outlier_metrics(model, tokenizer, cfg: DictConfig, resources: Path,
     from gemvlab.quant.outliers import collect_hits, outlier_report
 
     acfg = cfg.analysis
-    docs = read_texts(resources / "data" / "austen" / "calibration.jsonl")
+    docs = read_texts(data_dir(resources, "austen") / "calibration.jsonl")
     ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0][: int(acfg.tokens)]
     seq = int(acfg.seq_len)
     device = next(model.parameters()).device
@@ -53,7 +55,7 @@ def calibration_batches(tokenizer, cfg: DictConfig, resources: Path,
     from gemvlab.eval.suite import read_texts
 
     ccfg = cfg.method.calibration
-    docs = read_texts(resources / "data" / "austen" / "calibration.jsonl")
+    docs = read_texts(data_dir(resources, "austen") / "calibration.jsonl")
     ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
     tokens, seq = int(ccfg.tokens), int(ccfg.seq_len)
     if len(ids) < tokens or tokens < seq:
@@ -111,7 +113,7 @@ def apply_method(model: torch.nn.Module, tokenizer, cfg: DictConfig,
     return {"layers_quantized": layers, **weight_bytes(model, list(method.skip))}
 
 
-@stage("quantize")
+@runner("quantize", "model_quantizers")
 def quantize(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
     from gemvlab.quant.linear import decomposition_share
@@ -132,6 +134,3 @@ def quantize(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return metrics
 
-
-if __name__ == "__main__":
-    quantize()

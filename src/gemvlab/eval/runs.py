@@ -1,4 +1,4 @@
-"""Stage evaluate: perplexity on held-out prose and the lm-eval suite, for one model."""
+"""Runner of stage evaluate: perplexity on held-out prose and the lm-eval suite, for one model."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from gemvlab.registry import runner
 from gemvlab.results.provenance import peak_rss_mb
-from gemvlab.stage import StageContext, stage
+from gemvlab.stage import StageContext
 
 
-@stage("evaluate")
+@runner("evaluate", "model")
 def evaluate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
 
@@ -23,6 +24,3 @@ def evaluate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return metrics
 
-
-if __name__ == "__main__":
-    evaluate()

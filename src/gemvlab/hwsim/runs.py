@@ -1,4 +1,5 @@
-"""Stage simulate: NeuPIMs' batched-decode simulation (gemvlab.hwsim), one task per run.
+"""Runner of stage simulate: NeuPIMs' batched-decode simulation (gemvlab.hwsim), one task per
+run.
 
 ``sim.task=throughput``: every system of ``sim.systems`` at every batch of ``sim.batches`` over
 one trace; metrics ``tput/<system>/b<batch>/{tokens_per_s,iteration_us,batch,iterations,
@@ -25,7 +26,8 @@ from gemvlab.errors import GemvlabError
 from gemvlab.hwsim import gpu, traces
 from gemvlab.hwsim.hardware import LLM, NPU, PIM, GPUSpec, build
 from gemvlab.hwsim.simulator import SYSTEMS, Machine, SimResult, simulate
-from gemvlab.stage import StageContext, stage
+from gemvlab.registry import runner
+from gemvlab.stage import StageContext
 
 _TASKS = ("throughput", "calibration", "speed")
 
@@ -147,8 +149,15 @@ def speed_metrics(hw: Mapping[str, Any], sim: Mapping[str, Any], seed: int) -> d
     return metrics
 
 
+def measurements_file(plain: Mapping[str, Any]) -> list[str]:
+    """The GPU kernel timings the GPU model is fitted on: an input of every simulation."""
+    return [plain["hw"]["gpu"]["measurements"]]
+
+
+@runner("simulate", "npu_pim", uses_model=False, inputs=measurements_file,
+        needs_gpu=lambda _plain: False)
 def run_simulate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
-    """The stage body (``simulate`` is its entry point; tests call it through ``execute``)."""
+    """One simulation task (throughput, calibration or the simulator's own speed)."""
     if "sim" not in cfg or "hw" not in cfg:
         raise GemvlabError("simulate needs the hw and sim groups: run it with experiment=neupims "
                            "(or add hw=neupims sim=neupims)")
@@ -163,8 +172,3 @@ def run_simulate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         return speed_metrics(hw, sim, int(cfg.seed))
     raise GemvlabError(f"sim.task={task} is unknown: use one of {', '.join(_TASKS)}")
 
-
-simulate_stage = stage("simulate")(run_simulate)
-
-if __name__ == "__main__":
-    simulate_stage()

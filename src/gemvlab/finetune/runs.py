@@ -1,9 +1,16 @@
-"""Stage finetune: adapters (LoRA, OFT, OFTv2) on a frozen, optionally 4-bit base, trained on
-the Austen train split, then evaluated like every other model (perplexity, lm-eval).
+"""Runners of finetuning. Stage finetune: adapters (LoRA, OFT, OFTv2) on a frozen, optionally
+4-bit base, trained on the Austen train split, then evaluated like every other model
+(perplexity, lm-eval).
 
 method.kind none trains nothing: the base model's row ("before"). Time and memory are those
 of the training loop alone: per-step wall time, and the peak resident memory (CPU, reset when
 training starts) or the peak allocated CUDA memory from the first step on.
+
+Stage bench, ``bench.kind: finetune``: one training step per adapter implementation (OFTv2's
+efficiency claim); metrics ``step/<impl>/<model>/<measure>`` (step_ms the median, p10_ms,
+p90_ms, peak_mem_mb, base_mem_mb, trainable_params, oom) and
+``ratio/<a>_over_<b>/<model>/{time,memory}`` (median step times, peak memories) for the pairs in
+``_STEP_RATIOS`` whose rows both ran.
 """
 
 from __future__ import annotations
@@ -12,17 +19,28 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
+from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
+from gemvlab.registry import runner
 from gemvlab.results.provenance import peak_rss_mb
-from gemvlab.stage import StageContext, stage
+from gemvlab.stage import StageContext
 
 log = logging.getLogger(__name__)
 
 KINDS = ("none", "lora", "oft")
+_STEP_MEASURES = ("step_ms", "p10_ms", "p90_ms", "peak_mem_mb", "base_mem_mb", "trainable_params",
+                  "oom")
+# ratio name -> (numerator impl, denominator impl): the paper's comparisons (OFTv2 against the
+# weight-centric OFT and LoRA) and ours against peft's.
+_STEP_RATIOS = {"oft_over_oftv2": ("oft", "oftv2"), "oftv2_over_lora": ("oftv2", "lora"),
+                "oftv2_over_peft_oft": ("oftv2", "peft_oft"),
+                "peft015_oft_over_peft_oft": ("peft015_oft", "peft_oft")}
 
 
 def adapter_spec(method: DictConfig):
@@ -44,7 +62,7 @@ def train_windows(tokenizer, cfg: DictConfig, resources: Path) -> torch.Tensor:
     from gemvlab.eval.suite import read_texts
     from gemvlab.finetune.train import token_windows
 
-    docs = read_texts(resources / "data" / "austen" / "train.jsonl")
+    docs = read_texts(data_dir(resources, "austen") / "train.jsonl")
     tcfg = cfg.train
     text, budget = [], int(tcfg.max_tokens) * 8  # characters: tokenize only what can be used
     for doc in docs:
@@ -138,7 +156,7 @@ def training_metrics(model: torch.nn.Module, tokenizer, cfg: DictConfig, resourc
     return metrics
 
 
-@stage("finetune")
+@runner("finetune", "adapters")
 def finetune(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
     from gemvlab.finetune.quantized_base import quantize_base
@@ -168,5 +186,60 @@ def finetune(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-if __name__ == "__main__":
-    finetune()
+def step_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Step rows as ``step/<impl>/<model>/<measure>``, and the time and memory ratios of
+    ``_STEP_RATIOS`` where both rows ran (not skipped, not out of memory)."""
+    metrics: dict[str, float] = {}
+    ran: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        if row.get("skipped"):
+            log.warning("%s skipped on %s: %s", row["impl"], row["model"], row.get("reason", ""))
+            continue
+        key = f"step/{row['impl']}/{row['model']}"
+        if row.get("oom"):  # its times and memory describe a failed step: keep only the fact
+            log.warning("%s out of memory on %s: %s", row["impl"], row["model"],
+                        row.get("reason", ""))
+            metrics[f"{key}/oom"] = 1.0
+            if row.get("trainable_params") is not None:
+                metrics[f"{key}/trainable_params"] = float(row["trainable_params"])
+            continue
+        for measure in _STEP_MEASURES:
+            if row.get(measure) is not None:
+                metrics[f"{key}/{measure}"] = float(row[measure])
+        ran[row["impl"], row["model"]] = row
+    for model in dict.fromkeys(model for _, model in ran):
+        for name, (num, den) in _STEP_RATIOS.items():
+            a, b = ran.get((num, model)), ran.get((den, model))
+            if a and b:
+                metrics[f"ratio/{name}/{model}/time"] = a["step_ms"] / b["step_ms"]
+                metrics[f"ratio/{name}/{model}/memory"] = a["peak_mem_mb"] / b["peak_mem_mb"]
+    return metrics
+
+
+@runner("bench", "finetune", applies=bench_kind("finetune"), uses_model=False,
+        needs_gpu=bench_on_cuda)
+def step_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    """One training step per (model, impl), each in its own process; see ``step_bench``."""
+    from gemvlab.config import REPO_ROOT
+    from gemvlab.finetune.step_bench import benchmark_steps
+
+    bcfg, seed, threads = cfg.bench, int(cfg.seed), cfg.get("threads")
+    require_device(bcfg)
+
+    models = OmegaConf.to_container(bcfg.models, resolve=True)
+    # A dict, so that a derived config can drop its parent's models by setting them to null.
+    models = [m for m in (models.values() if isinstance(models, dict) else models) if m]
+    if not models:
+        raise GemvlabError(f"bench={bcfg.name} lists no models: set bench.models")
+    peft015 = bcfg.get("peft015_path")
+    if peft015 and not Path(peft015).is_absolute():
+        peft015 = str(REPO_ROOT / peft015)  # a config path names a folder of this repository
+    try:
+        rows = benchmark_steps(models, list(bcfg.impls), batch=int(bcfg.batch),
+                               seq_len=int(bcfg.seq_len), device=str(bcfg.device),
+                               dtype=str(bcfg.dtype), warmup=int(bcfg.warmup),
+                               repeats=int(bcfg.repeats), seed=seed, peft015_path=peft015,
+                               threads=threads)
+    except (ValueError, RuntimeError) as exc:
+        raise GemvlabError(str(exc)) from exc
+    return step_metrics(rows)

@@ -1,4 +1,5 @@
-"""Stage kvq_eval: every KV-cache quantizer (full precision, KIVI, CommVQ) on one task.
+"""Runners of KV-cache quantization. Stage kvq_eval: every KV-cache quantizer (full precision,
+KIVI, CommVQ) on one task.
 
 Tasks (``eval.kvq.task``): quality (perplexity of a continuation through the quantized cache,
 and the bytes that cache holds), passkey (retrieval of a number hidden at several depths),
@@ -10,6 +11,13 @@ Metrics: ``q/<setting>/<context>/<measure>`` (perplexity) with
 ``pk/<setting>/<length>/<depth %>/correct`` with ``pk/<setting>/<length>/all/accuracy``
 and ``pk/<setting>/all/all/accuracy``, and
 ``mse/<setting>/<layer>/<key|value>`` with ``mse/<setting>/all/<key|value>`` (layer mean).
+
+The codebooks are artifacts of two stages of their own, made before the runs that need them:
+kv_collect (each layer's keys before RoPE and values over Austen text, fp16 safetensors) and
+kv_train (CommVQ's key codebook by greedy residual EM, once at
+``method.codebooks.key_codebook.max_bits``, fewer bits using its first stages; one value
+encoder and additive codebook per layer and bit width). Stage bench, ``bench.kind: kvq``:
+decode attention over a compressed layer, decode-then-attend against codebook space.
 """
 
 from __future__ import annotations
@@ -24,14 +32,41 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
+from gemvlab.config import by_scale
+from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
+from gemvlab.kv.quant.codebooks import (
+    CODEBOOK_FILE,
+    KV_FILE,
+    artifact_dirs,
+    load_codebooks,
+    load_tensors,
+    needs_codebooks,
+    save_codebooks,
+    save_tensors,
+)
+from gemvlab.registry import Artifact, runner
 from gemvlab.results.provenance import peak_rss_mb
-from gemvlab.stage import StageContext, stage
-from gemvlab.stages.kv_collect import by_scale, split_sequences
+from gemvlab.stage import StageContext
 
 log = logging.getLogger(__name__)
 
 TASKS = ("quality", "passkey", "mse")
+
+
+def split_sequences(tokenizer, resources: Path, split: str, sequences: int,
+                    length: int) -> list[torch.Tensor]:
+    """``sequences`` consecutive [1, length] windows of one Austen split's token stream."""
+    from gemvlab.eval.perplexity import corpus_ids
+    from gemvlab.eval.suite import read_texts
+
+    ids = corpus_ids(tokenizer, read_texts(data_dir(resources, "austen") / f"{split}.jsonl"),
+                     sequences * length, False)
+    if ids.numel() < sequences * length:
+        raise GemvlabError(f"the Austen {split} split has {ids.numel()} tokens, fewer than "
+                           f"{sequences} x {length}: ask for fewer or shorter sequences")
+    return [ids[i * length:(i + 1) * length].view(1, -1) for i in range(sequences)]
 
 
 def build_codecs(cfg: DictConfig, plain: dict, model) -> dict:
@@ -39,12 +74,6 @@ def build_codecs(cfg: DictConfig, plain: dict, model) -> dict:
     from gemvlab.kv.quant import commvq
     from gemvlab.kv.quant.codecs import CommVQCodec, KiviCodec
     from gemvlab.kv.quant.quant_cache import model_rotation
-    from gemvlab.kv.quant.codebooks import (
-        CODEBOOK_FILE,
-        artifact_dirs,
-        load_codebooks,
-        needs_codebooks,
-    )
 
     if cfg.method.get("kind") != "kvq":
         raise GemvlabError(f"method={cfg.method.name} is not a KV quantizer: use method=kvq")
@@ -52,7 +81,7 @@ def build_codecs(cfg: DictConfig, plain: dict, model) -> dict:
     if needs_codebooks(plain):
         books, values, _ = load_codebooks(
             Path(artifact_dirs(plain)["train"]) / CODEBOOK_FILE,
-            "run python -m gemvlab.stages.kv_train with the same overrides (or snakemake)")
+            "run python -m gemvlab.stages kv_train with the same overrides (or snakemake)")
     head_dim = int(getattr(model.config, "head_dim", None)
                    or model.config.hidden_size // model.config.num_attention_heads)
     codecs = {}
@@ -97,7 +126,7 @@ def quality_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dic
     qcfg, window = cfg.eval.kvq, int(cfg.method.window)
     contexts = [int(c) for c in by_scale(qcfg.contexts, scale)]
     scored, chunk = int(by_scale(qcfg.scored, scale)), int(by_scale(qcfg.chunk, scale))
-    docs = read_texts(resources / "data" / "austen" / "test.jsonl")
+    docs = read_texts(data_dir(resources, "austen") / "test.jsonl")
     ids = corpus_ids(tokenizer, docs, max(contexts), False)
     if ids.numel() < max(contexts):
         raise GemvlabError(f"the Austen test split has {ids.numel()} tokens, fewer than "
@@ -140,7 +169,7 @@ def passkey_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dic
     pcfg, window = cfg.eval.kvq, int(cfg.method.window)
     lengths = [int(n) for n in by_scale(pcfg.lengths, scale)]
     depths = [float(d) for d in by_scale(pcfg.depths, scale)]
-    filler = corpus_ids(tokenizer, read_texts(resources / "data" / "austen" / "test.jsonl"),
+    filler = corpus_ids(tokenizer, read_texts(data_dir(resources, "austen") / "test.jsonl"),
                         max(lengths), False).tolist()
     device = next(model.parameters()).device
     rng = random.Random(int(cfg.seed))
@@ -223,7 +252,21 @@ def metrics_items(metrics: dict[str, float], name: str, part: str):
 _TASK_FNS = {"quality": quality_metrics, "passkey": passkey_metrics, "mse": mse_metrics}
 
 
-@stage("kvq_eval")
+def codebook_artifacts(plain) -> list[Artifact]:
+    """The trained codebooks a run's CommVQ settings read (none for KIVI and fp16 alone)."""
+    if not needs_codebooks(plain):
+        return []
+    return [Artifact("kv_train", artifact_dirs(plain)["train"], CODEBOOK_FILE, threads=2,
+                     mem_mb=12000, runtime_min=60)]
+
+
+def collected_artifacts(plain) -> list[Artifact]:
+    """The keys and values the codebooks train on."""
+    return [Artifact("kv_collect", artifact_dirs(plain)["collect"], KV_FILE, threads=2,
+                     mem_mb=8000, runtime_min=30)]
+
+
+@runner("kvq_eval", "kv_quantizers", artifacts=codebook_artifacts)
 def kvq_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -249,5 +292,131 @@ def kvq_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-if __name__ == "__main__":
-    kvq_eval()
+@runner("kv_collect", "kv_codebooks", applies=lambda plain: artifact_dirs(plain) is not None)
+def kv_collect(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    """Each layer's keys (before RoPE) and values over Austen text, for training codebooks."""
+    from gemvlab.eval.suite import load_evaluated_model
+    from gemvlab.kv.quant.quant_cache import collect
+
+    dirs = artifact_dirs(ctx.config)
+    if dirs is None:
+        raise GemvlabError(f"method={cfg.method.name} trains no codebooks: use method=kvq")
+    ccfg, scale = cfg.method.codebooks.collect, str(cfg.scale.name)
+    resources = Path(cfg.paths.resources)
+    t0 = time.perf_counter()
+    model, tokenizer = load_evaluated_model(cfg, resources)
+    seqs = split_sequences(tokenizer, resources, str(ccfg.split),
+                           int(by_scale(ccfg.sequences, scale)), int(by_scale(ccfg.length, scale)))
+    device = next(model.parameters()).device
+    keys, values = collect(model, [s.to(device) for s in seqs])
+    tensors = {f"k.{i}": k.half() for i, k in enumerate(keys)}
+    tensors.update({f"v.{i}": v.half() for i, v in enumerate(values)})
+    save_tensors(Path(dirs["collect"]) / KV_FILE, tensors,
+                 {"model": cfg.model.name, "tokens": int(keys[0].shape[0]),
+                  "layers": len(keys), "split": str(ccfg.split)})
+    return {"tokens": int(keys[0].shape[0]), "layers": len(keys),
+            "collect_s": round(time.perf_counter() - t0, 3)}
+
+
+@runner("kv_train", "kv_codebooks", applies=lambda plain: artifact_dirs(plain) is not None,
+        uses_model=False, artifacts=collected_artifacts, needs_gpu=lambda _plain: False)
+def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    """CommVQ's key codebooks and value codecs from the collected KV, with training errors."""
+    from tqdm.auto import tqdm
+
+    from gemvlab.kv.quant import commvq
+
+    dirs = artifact_dirs(ctx.config)
+    if dirs is None:
+        raise GemvlabError(f"method={cfg.method.name} trains no codebooks: use method=kvq")
+    books_cfg, scale = cfg.method.codebooks, str(cfg.scale.name)
+    kcfg, vcfg = books_cfg.key_codebook, books_cfg.value_codec
+    tensors, meta = load_tensors(Path(dirs["collect"]) / KV_FILE,
+                                 "run python -m gemvlab.stages kv_collect with the same "
+                                 "overrides (or snakemake)")
+    layers = int(meta["layers"])
+    keys = [tensors[f"k.{i}"].float() for i in range(layers)]
+    values = [tensors[f"v.{i}"].float().flatten(1) for i in range(layers)]
+    levels = int(by_scale(kcfg.levels, scale))
+    head_dim = keys[0].shape[-1]
+    stages = commvq.key_stages(float(kcfg.max_bits), head_dim, levels)
+    metrics: dict[str, float] = {"tokens": keys[0].shape[0], "levels": levels, "stages": stages}
+    t0 = time.perf_counter()
+    books = []
+    temps = tuple(float(t) for t in kcfg.temperatures)
+    for i in tqdm(range(layers), desc="key codebooks (EM)", unit="layer"):
+        book, histories = commvq.train_key_codebook(
+            keys[i], stages, levels, int(by_scale(kcfg.iters, scale)), temps,
+            int(books_cfg.seed) + i)
+        books.append(book)
+        metrics[f"train/key/{i}/first_stage_error_start"] = histories[0][0]
+        metrics[f"train/key/{i}/first_stage_error_end"] = histories[0][-1]
+        metrics[f"train/key/{i}/last_stage_error_end"] = histories[-1][-1]
+    metrics["key_train_s"] = round(time.perf_counter() - t0, 3)
+    codecs = {}
+    for bits in [int(b) for b in vcfg.bits]:
+        t1 = time.perf_counter()
+        bar = tqdm(total=int(by_scale(vcfg.steps, scale)), desc=f"value codecs {bits}-bit",
+                   unit="step")
+        losses: list[float] = []
+
+        def on_step(step: int, loss: float, bar=bar, losses=losses) -> None:
+            losses.append(loss)
+            bar.update()
+
+        codecs[bits] = commvq.train_value_codecs(
+            values, bits, int(by_scale(vcfg.steps, scale)), int(by_scale(vcfg.batch, scale)),
+            float(vcfg.lr), float(vcfg.tau), int(books_cfg.seed),
+            int(vcfg.hidden) if vcfg.hidden else None, on_step)
+        bar.close()
+        tail = losses[-max(1, len(losses) // 10):]
+        metrics[f"train/value{bits}/loss_start"] = losses[0]
+        metrics[f"train/value{bits}/loss_end"] = statistics.fmean(tail)
+        metrics[f"value{bits}_train_s"] = round(time.perf_counter() - t1, 3)
+    with torch.no_grad():
+        for bits, layer_codecs in codecs.items():
+            err = [float(((c.decode(*c.encode(v)) - v) ** 2).mean())
+                   for c, v in zip(layer_codecs, values, strict=True)]
+            metrics[f"train/value{bits}/mse_mean"] = statistics.fmean(err)
+    save_codebooks(Path(dirs["train"]) / CODEBOOK_FILE, books, codecs,
+                   {"model": cfg.model.name, "levels": levels, "stages": stages,
+                    "collected": dirs["collect"]})
+    log.info("codebooks for %d layers in %.1f s", layers, time.perf_counter() - t0)
+    return metrics
+
+
+@runner("bench", "kvq", applies=bench_kind("kvq"), uses_model=False, needs_gpu=bench_on_cuda)
+def kvq_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    """CommVQ attention over a compressed layer, decode-then-attend against codebook space,
+    by context; and each setting's exact bits per cached value at the layer's shape."""
+    from tqdm.auto import tqdm
+
+    from gemvlab.kv.quant import commvq
+    from gemvlab.kv.quant.commvq_speed import decode_speed
+    from gemvlab.models.load import torch_dtype
+
+    bcfg, seed = cfg.bench, int(cfg.seed)
+    require_device(bcfg)
+    shape = bcfg.shape
+    settings = [{"name": name, "levels": int(s.levels), "rows": int(s.bits) * shape.heads
+                 * shape.head_dim,
+                 "stages": commvq.key_stages(int(s.bits), int(shape.head_dim), int(s.levels))}
+                for name, s in bcfg.settings.items()]
+    bar = tqdm(total=len(bcfg.contexts) * len(settings), desc=f"{bcfg.name} decode",
+               unit="setting")
+    metrics = decode_speed([int(c) for c in bcfg.contexts], settings, int(shape.heads),
+                           int(shape.q_heads), int(shape.head_dim), int(bcfg.window),
+                           float(shape.rope_base), int(bcfg.repeats), int(bcfg.warmup),
+                           str(bcfg.device), torch_dtype(bcfg.dtype), seed,
+                           on_row=lambda _: bar.update())
+    bar.close()
+    # Bits per cached value from the packed layer itself (codes, norms, scales; window 0).
+    values = 2 * int(shape.heads) * int(shape.head_dim)
+    context = max(int(c) for c in bcfg.contexts)
+    for setting in settings:
+        per_token = metrics.get(f"bytes/{setting['name']}/{context}/kv_bytes_per_token")
+        if per_token is not None and int(bcfg.window) == 0:
+            metrics[f"memory/{setting['name']}/bits_per_value"] = 8 * per_token / values
+            metrics[f"memory/{setting['name']}/reduction_vs_fp16"] = 1 - 8 * per_token / (
+                16 * values)
+    return metrics

