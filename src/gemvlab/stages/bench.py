@@ -208,7 +208,7 @@ def kv_metrics(cfg: DictConfig) -> dict[str, float]:
     """Decode step time, tokens/s and KV bytes per KV policy and budget; see ``speed_bench``."""
     from tqdm.auto import tqdm
 
-    from gemvlab.finetune.step_bench import build_model
+    from gemvlab.bench.models import paper_shape_lm as build_model
     from gemvlab.kv.speed_bench import benchmark_kv_decode, speed_metrics
     from gemvlab.models.load import torch_dtype
     from gemvlab.stages.kv_eval import policies, settings
