@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig
 
 from gemvlab.errors import GemvlabError
+from gemvlab.files import atomic_write_text
 from gemvlab.results.provenance import peak_rss_mb
-from gemvlab.results.records import atomic_write_text
 from gemvlab.stage import StageContext, stage
 
 log = logging.getLogger(__name__)
