@@ -11,13 +11,23 @@ import torch
 
 from gemvlab.quant.int8 import (
     QTensor,
-    fake_quant_matmul,
     int8_mm,
     integer_accumulator,
     outlier_columns,
     quantize,
     quantized_matmul,
 )
+
+
+def fake_quant_matmul(x: torch.Tensor, w: QTensor, *, per_row: bool, zeropoint: bool,
+                      threshold: float | None = None) -> torch.Tensor:
+    """Reference for quantized_matmul: dequantize, then multiply in float64 (no integer math)."""
+    x = x.float()
+    outliers = outlier_columns(x, threshold)
+    xq = quantize(x.masked_fill(outliers, 0.0), per_row=per_row, zeropoint=zeropoint)
+    x_hat = torch.where(outliers, x.double(), xq.dequantize(torch.float64))
+    return x_hat @ w.dequantize(torch.float64).t()
+
 
 # The paper's Table 1 methods: (activation per_row, weight per_row, zeropoint, threshold).
 METHODS = {

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
 from gemvlab.errors import GemvlabError
-from gemvlab.results.records import atomic_write_json
+from gemvlab.files import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 # A fetch stage's own run record shares the folder it builds; rebuilding keeps it.
@@ -29,14 +28,6 @@ def clear_folder(folder: Path) -> None:
     for path in folder.iterdir():
         if is_payload(path):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_manifest(folder: Path, meta: Mapping, files: list[Path]) -> dict:

@@ -12,8 +12,8 @@ from gemvlab.data import austen, data_dir, olmo_eval
 from gemvlab.data.debian import apt_download, deb_members
 from gemvlab.data.splits import split_documents
 from gemvlab.errors import GemvlabError
-from gemvlab.manifest import clear_folder, sha256_file, write_manifest
-from gemvlab.results.records import atomic_write_text
+from gemvlab.files import atomic_write_text, sha256_file
+from gemvlab.manifest import clear_folder, write_manifest
 
 log = logging.getLogger(__name__)
 

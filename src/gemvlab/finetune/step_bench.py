@@ -28,17 +28,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from gemvlab.kernels.linear_bench import check_bench_args, quantile
+from gemvlab.bench.models import paper_shape_lm
+from gemvlab.bench.timing import Stopwatch, check_bench_args, spread
 from gemvlab.results.provenance import peak_rss_mb
 
 IMPLS = ("lora", "oft", "oftv2", "peft_lora", "peft_oft", "peft015_oft")
@@ -61,19 +60,6 @@ def _rss_mb() -> float:
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return peak_rss_mb()
-
-
-def build_model(model_type: str, shape: Mapping[str, Any], dtype: Any, device: Any,
-                seed: int) -> Any:
-    """A causal LM of the given shape with seeded random weights, in training mode."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(model_type, **dict(shape))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.train()
 
 
 def _peft_oft_config(peft: Any) -> Any:
@@ -114,17 +100,15 @@ def attach(model: Any, impl: str) -> tuple[Any, str | None]:
     return peft.get_peft_model(model, config), str(peft.__version__)
 
 
-def _step(model: Any, opt: Any, ids: Any, autocast: Any, sync: Any) -> float:
+def _step(model: Any, opt: Any, ids: Any, autocast: Any) -> float:
     """One optimiser step on (ids, ids); returns its wall time in ms, device work included."""
-    sync()
-    start = time.perf_counter()
-    with autocast():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-    return (time.perf_counter() - start) * 1e3
+    with Stopwatch(ids.device) as watch:
+        with autocast():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return watch.seconds * 1e3
 
 
 def measure_step(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -153,13 +137,13 @@ def measure_step(spec: Mapping[str, Any]) -> dict[str, Any]:
         "seq_len": int(spec["seq_len"]), "dtype": str(dtype).removeprefix("torch."),
         "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "base_mem_mb": base_mb, "oom": 0}
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
     autocast = contextlib.nullcontext
     if spec["impl"] == "peft015_oft" and dtype != torch.float32:
         def autocast() -> Any:
             return torch.autocast(dev.type, dtype=dtype)
     try:
-        model = build_model(spec["model_type"], spec["shape"], dtype, dev, int(spec["seed"]))
+        model = paper_shape_lm(spec["model_type"], spec["shape"], dtype, dev,
+                               int(spec["seed"])).train()
         model, row["peft_version"] = attach(model, spec["impl"])
         params = [p for p in model.parameters() if p.requires_grad]
         row["trainable_params"] = sum(p.numel() for p in params)
@@ -167,7 +151,7 @@ def measure_step(spec: Mapping[str, Any]) -> dict[str, Any]:
         gen = torch.Generator(device=dev).manual_seed(int(spec["seed"]))
         ids = torch.randint(0, model.config.vocab_size, (row["batch"], row["seq_len"]),
                             generator=gen, device=dev)
-        times = [_step(model, opt, ids, autocast, sync)
+        times = [_step(model, opt, ids, autocast)
                  for _ in range(int(spec["warmup"]) + int(spec["repeats"]))]
         times = times[int(spec["warmup"]):]
     except torch.OutOfMemoryError as exc:
@@ -176,8 +160,7 @@ def measure_step(spec: Mapping[str, Any]) -> dict[str, Any]:
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else peak_rss_mb()
     row["peak_mem_mb"] = peak
     if times:
-        row.update(step_ms=statistics.median(times), p10_ms=quantile(times, 0.1),
-                   p90_ms=quantile(times, 0.9))
+        row["step_ms"], row["p10_ms"], row["p90_ms"] = spread(times)
     return row
 
 

@@ -9,12 +9,13 @@ crashing it: counting divergences is one of the measurements (QOFT against QLoRA
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+
+from gemvlab.bench.timing import Stopwatch
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train(model: nn.Module, windows: Tensor, cfg: TrainConfig,
           on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
     """AdamW on the model's trainable parameters, next-token loss on windows [n, seq_len].
@@ -93,20 +89,18 @@ def train(model: nn.Module, windows: Tensor, cfg: TrainConfig,
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = windows[order[step]].to(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            loss = model(input_ids=batch, labels=batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                    else torch.zeros(()))
-            value = float(loss.detach())
-            if not (math.isfinite(value) and math.isfinite(float(norm))):
-                result.diverged = True
-                break
-            opt.step()
-            _sync(device)
-            result.step_s.append(time.perf_counter() - t0)
+            with Stopwatch(device) as watch:
+                loss = model(input_ids=batch, labels=batch).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                        if cfg.grad_clip > 0 else torch.zeros(()))
+                value = float(loss.detach())
+                if not (math.isfinite(value) and math.isfinite(float(norm))):
+                    result.diverged = True
+                    break
+                opt.step()
+            result.step_s.append(watch.seconds)
             result.losses.append(value)
             if on_step is not None:
                 on_step(step, value, lr)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import platform
 import statistics
-import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -26,18 +25,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from gemvlab.bench.models import paper_shape_lm
+from gemvlab.bench.timing import (
+    Stopwatch,
+    check_bench_args,
+    device_times_us,
+    l2_flush_buffer,
+    spread,
+)
 from gemvlab.kernels.lattice_gemv import (
     PackedLinear,
     glvq_gemv,
     pack_glvq,
     pack_rtn,
     rtn_gemv,
-)
-from gemvlab.kernels.linear_bench import (
-    _l2_flush_buffer,
-    _time_us,
-    check_bench_args,
-    quantile,
 )
 from gemvlab.quant.glvq import GLVQConfig, LatticeQuant, glvq_quantize
 from gemvlab.quant.groupwise import GroupQuant, rtn_quantize
@@ -125,7 +126,7 @@ def benchmark_decode(shapes: list[tuple[int, int, int]], bits_list: list[int], i
     check_bench_args(impls, IMPLS, warmup, repeats)
     dev = torch.device(device)
     name = _device_name(dev)
-    flush = _l2_flush_buffer(dev)
+    flush = l2_flush_buffer(dev)
     dense_bits = torch.finfo(dtype).bits
     jobs = [(shape, bits, impl) for shape in shapes for impl in impls
             for bits in ([dense_bits] if impl == "dense" else bits_list)]
@@ -140,32 +141,18 @@ def benchmark_decode(shapes: list[tuple[int, int, int]], bits_list: list[int], i
             fn, weight_bytes, w_ref = _build(impl, w, x, bits, d, group_size, quantize, gen)
             ref = x.double() @ w_ref.T
             diff = fn().double() - ref
-            times, eager = _time_us(fn, dev, warmup, repeats, flush)
-        median = statistics.median(times)
+            times, eager = device_times_us(fn, dev, warmup, repeats, flush)
+        median, p10, p90 = spread(times)
         rows.append({
             "impl": impl, "bits": bits, "m": m, "k": k, "n": n,
             "dtype": str(dtype).removeprefix("torch."), "group_size": group_size, "d": d,
             "codes": "float" if impl == "dense" else ("quantized" if quantize else "random"),
-            "device_name": name, "median_us": median, "p10_us": quantile(times, 0.1),
-            "p90_us": quantile(times, 0.9),
+            "device_name": name, "median_us": median, "p10_us": p10, "p90_us": p90,
             "eager_us": statistics.median(eager) if eager else None,
             "weight_bytes": weight_bytes, "gbps": weight_bytes / median / 1e3,
             "max_abs_err": diff.abs().max().item(), "rel_err": (diff.norm() / ref.norm()).item()})
         del w, x, fn, w_ref, ref, diff
     return rows
-
-
-def random_model(model_type: str, shape: Mapping[str, Any], dtype: torch.dtype,
-                 dev: torch.device, seed: int) -> nn.Module:
-    """A causal LM of the given shape with seeded random weights, as ``models.load`` builds a
-    ``source: random`` model, but from the shape itself rather than a fetched config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(model_type, **dict(shape))
-    torch.manual_seed(seed)
-    with dev:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
 
 
 def _pack_linears(model: nn.Module, impl: str, bits: int, d: int, group_size: int,
@@ -191,24 +178,16 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), attr, module)
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _decode_seconds(model: nn.Module, prompt: Tensor, new_tokens: int) -> float:
     """Greedy decode of ``new_tokens`` after the prompt, batch 1, with the KV cache; the
     prompt's forward pass is not timed."""
-    dev = prompt.device
     out = model(prompt, use_cache=True)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(dev)
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(dev)
-    return time.perf_counter() - start
+    with Stopwatch(prompt.device) as watch:
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return watch.seconds
 
 
 def benchmark_model_decode(model_type: str, shape: Mapping[str, Any], bits_list: list[int],
@@ -227,7 +206,7 @@ def benchmark_model_decode(model_type: str, shape: Mapping[str, Any], bits_list:
     if prompt_tokens < 1 or new_tokens < 1:
         raise ValueError("prompt_tokens and new_tokens must be >= 1")
     dev = torch.device(device)
-    model = random_model(model_type, shape, dtype, dev, seed)
+    model = paper_shape_lm(model_type, shape, dtype, dev, seed)
     gen = torch.Generator(device=dev).manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=gen,
                            device=dev)

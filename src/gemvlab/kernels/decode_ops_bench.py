@@ -12,7 +12,6 @@ Pure: tensors are made from the seed, nothing is read or written, metrics are re
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -20,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gemvlab.bench.timing import device_times_us, l2_flush_buffer, spread
 from gemvlab.hwsim.costs import gemm_cost
-from gemvlab.kernels.linear_bench import _l2_flush_buffer, _time_us, quantile
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ def measure_decode_ops(*, d_model: int, heads: int, d_ff: int, batches: Sequence
     dev = torch.device(device)
     size = torch.empty((), dtype=dtype).element_size()
     gen = torch.Generator(device=dev).manual_seed(seed)
-    flush = _l2_flush_buffer(dev)
+    flush = l2_flush_buffer(dev)
     metrics: dict[str, float] = {}
 
     def randn(*shape: int, std: float = 1.0) -> Tensor:
@@ -74,14 +73,15 @@ def measure_decode_ops(*, d_model: int, heads: int, d_ff: int, batches: Sequence
         metrics[f"{key}/bytes"] = float(nbytes)
         try:
             with torch.inference_mode():
-                times, _ = _time_us(build(), dev, warmup, repeats, flush)
+                times, _ = device_times_us(build(), dev, warmup, repeats, flush)
         except torch.cuda.OutOfMemoryError:
             log.warning("%s out of memory: skipped", key)
             metrics[f"{key}/oom"] = 1.0
         else:
-            metrics[f"{key}/median_us"] = statistics.median(times)
-            metrics[f"{key}/p10_us"] = quantile(times, 0.1)
-            metrics[f"{key}/p90_us"] = quantile(times, 0.9)
+            median, p10, p90 = spread(times)
+            metrics[f"{key}/median_us"] = median
+            metrics[f"{key}/p10_us"] = p10
+            metrics[f"{key}/p90_us"] = p90
         _free(dev)  # after the handler: the failed call's tensors are unreachable by now
         if on_row is not None:
             on_row(f"{op}/b{b}")

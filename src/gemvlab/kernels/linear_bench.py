@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -19,14 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from gemvlab.bench.timing import check_bench_args, device_times_us, l2_flush_buffer, spread
 from gemvlab.quant.int8 import quantize, quantized_matmul
 
 IMPLS = ("dense", "gemvlab", "bnb")
-# Fallback L2 size when the device does not report one (H100: 50 MB).
-_DEFAULT_L2_BYTES = 64 * 2**20
-# GPU spin before each timed call (about 1 ms at 2 GHz): longer than an impl's host launch
-# work, so the timed region holds device work only.
-_HEAD_START_CYCLES = 2_000_000
 
 
 def benchmark_linears(shapes: list[tuple[int, int, int]], impls: list[str], *, device: str,
@@ -49,7 +44,7 @@ def benchmark_linears(shapes: list[tuple[int, int, int]], impls: list[str], *, d
     dev = torch.device(device)
     device_name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
                    else platform.processor() or platform.machine())
-    flush = _l2_flush_buffer(dev)
+    flush = l2_flush_buffer(dev)
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(shapes) * len(impls), desc="linear bench", disable=not progress) as bar:
         for m, k, n in shapes:
@@ -70,11 +65,10 @@ def benchmark_linears(shapes: list[tuple[int, int, int]], impls: list[str], *, d
                     else:
                         fn, weight_bytes, y = built
                         diff = y.double() - ref
-                        times, eager = _time_us(fn, dev, warmup, repeats, flush)
-                        median = statistics.median(times)
+                        times, eager = device_times_us(fn, dev, warmup, repeats, flush)
+                        median, p10, p90 = spread(times)
                         row.update(
-                            median_us=median, p10_us=quantile(times, 0.1),
-                            p90_us=quantile(times, 0.9),
+                            median_us=median, p10_us=p10, p90_us=p90,
                             eager_us=statistics.median(eager) if eager else None,
                             weight_bytes=weight_bytes,
                             gbps=weight_bytes / median / 1e3, tflops=2 * m * n * k / median / 1e6,
@@ -130,72 +124,3 @@ def _build(impl: str, x: Tensor, w: Tensor, dtype: torch.dtype,
     except Exception as err:  # any failure of the peer library on this device is a skip
         return f"bitsandbytes unavailable here: {type(err).__name__}: {err}"[:300]
     return fn, n * k + 4 * n, y
-
-
-def _l2_flush_buffer(dev: torch.device) -> Tensor | None:
-    """A buffer of 4x the L2 size whose read evicts the weights between timed iterations."""
-    if dev.type != "cuda":
-        return None
-    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0) or _DEFAULT_L2_BYTES
-    return torch.ones(4 * l2 // 4, dtype=torch.float32, device=dev)
-
-
-def _time_us(fn: Callable[[], Tensor], dev: torch.device, warmup: int, repeats: int,
-             flush: Tensor | None) -> tuple[list[float], list[float] | None]:
-    """Per-call device times in microseconds, and on CUDA per-call eager latencies.
-
-    Device time: CUDA events around each call, after an L2 flush by a read (a write would
-    leave dirty lines to write back inside the timed region) and a spin kernel that keeps the
-    GPU busy while the host queues the call, so launch overhead is not counted (a host sync
-    inside the call still is). Eager latency: host clock from an idle GPU with a flushed L2 to
-    the call's end, launch overhead included. CPU: perf_counter only.
-    """
-    for _ in range(warmup):
-        fn()
-    if dev.type != "cuda":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e6)
-        return times, None
-    assert flush is not None
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    torch.cuda.synchronize(dev)
-    for start, end in zip(starts, ends, strict=True):
-        flush.sum()
-        torch.cuda._sleep(_HEAD_START_CYCLES)
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize(dev)
-    device = [start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends, strict=True)]
-    eager = []
-    for _ in range(repeats):
-        flush.sum()
-        torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(dev)
-        eager.append((time.perf_counter() - t0) * 1e6)
-    return device, eager
-
-
-def check_bench_args(impls: list[str], known: tuple[str, ...], warmup: int,
-                     repeats: int) -> None:
-    """The checks every benchmark makes before timing anything."""
-    unknown = sorted(set(impls) - set(known))
-    if unknown:
-        raise ValueError(f"unknown impls {unknown}; choose from {list(known)}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError("repeats must be >= 1 and warmup >= 0")
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default rule) without numpy."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)

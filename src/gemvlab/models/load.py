@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from gemvlab.bench.models import random_lm
 from gemvlab.errors import GemvlabError
 from gemvlab.manifest import verify_manifest
 from gemvlab.models.fetch import model_dir
@@ -44,11 +45,7 @@ def load_model(cfg: Mapping[str, Any], resources: Path, *, device: str = "cpu",
     dtype = torch_dtype(cfg.get("dtype", "float32"))
     dev = resolve_device(device)
     if cfg["source"] == "random":
-        config = AutoConfig.from_pretrained(folder)
-        torch.manual_seed(seed)
-        with dev:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        return model.eval(), None
+        return random_lm(AutoConfig.from_pretrained(folder), dtype, dev, seed), None
     if not list(folder.glob("*.safetensors")):
         raise GemvlabError(f"{folder} has no safetensors weights: {hint}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,

@@ -140,13 +140,3 @@ def quantized_matmul(x: Tensor, w: QTensor, *, per_row: bool, zeropoint: bool,
         w_cols = QTensor(w.q[:, outliers], w.scale, w.zero).dequantize(torch.float64)
         y = y + x[:, outliers].double() @ w_cols.t()
     return y
-
-
-def fake_quant_matmul(x: Tensor, w: QTensor, *, per_row: bool, zeropoint: bool,
-                      threshold: float | None = None) -> Tensor:
-    """Reference for quantized_matmul: dequantize, then multiply in float64 (no integer math)."""
-    x = x.float()
-    outliers = outlier_columns(x, threshold)
-    xq = quantize(x.masked_fill(outliers, 0.0), per_row=per_row, zeropoint=zeropoint)
-    x_hat = torch.where(outliers, x.double(), xq.dequantize(torch.float64))
-    return x_hat @ w.dequantize(torch.float64).t()

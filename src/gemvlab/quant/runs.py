@@ -12,9 +12,9 @@ from omegaconf import DictConfig
 
 from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
+from gemvlab.files import atomic_write_text
 from gemvlab.registry import runner
 from gemvlab.results.provenance import peak_rss_mb
-from gemvlab.results.records import atomic_write_text
 from gemvlab.stage import StageContext
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from gemvlab.errors import GemvlabError
-from gemvlab.results.records import atomic_write_bytes
+from gemvlab.files import atomic_write_bytes
 from gemvlab.results.tables import format_number, read_tables
 
 KINDS = ("line", "bar", "scatter")

@@ -6,42 +6,16 @@ no metrics.json, so nothing that looks complete.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
 from gemvlab.errors import GemvlabError
+from gemvlab.files import atomic_write_json, atomic_write_text
 
 METRICS = "metrics.json"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the cluster's other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, data: object) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
@@ -70,6 +44,3 @@ def write_record(run_dir: Path, config: Mapping, metrics: Mapping[str, object],
     atomic_write_json(run_dir / "provenance.json", provenance)
     atomic_write_json(run_dir / METRICS, clean)
 
-
-def is_complete(run_dir: Path) -> bool:
-    return (run_dir / METRICS).is_file()

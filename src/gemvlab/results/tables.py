@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from gemvlab.errors import GemvlabError
-from gemvlab.results.records import atomic_write_text
+from gemvlab.files import atomic_write_text
 
 RUN_ID = "run_id"
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from gemvlab.config import REPO_ROOT, experiment_ids
 from gemvlab.errors import GemvlabError
-from gemvlab.results.records import atomic_write_text
+from gemvlab.files import atomic_write_text
 from gemvlab.results.tables import read_tables
 from gemvlab.stage import StageContext, stage
 

@@ -9,22 +9,17 @@ after every forward pass. Positions are the tokens' original ones, whatever the 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from gemvlab.bench.timing import Stopwatch
 from gemvlab.kv.evict.attention import bound
 from gemvlab.kv.evict.cache import KVCache
 from gemvlab.kv.evict.policies import KVPolicy, budget_tokens
 
 FULL = KVPolicy("full", evicts=False)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _forward(model: torch.nn.Module, cache: KVCache, ids: torch.Tensor, start: int,
@@ -99,11 +94,10 @@ def decode(model: torch.nn.Module, cache: KVCache, last_logits: torch.Tensor,
             if step == max_new_tokens:
                 break
             cache.step = step
-            t0 = time.perf_counter()
-            logits = _forward(model, cache, token[:, None], prompt_tokens + step - 1, True)
-            token = logits[:, -1].argmax(-1)
-            _sync(device)
-            step_s.append(time.perf_counter() - t0)
+            with Stopwatch(device) as watch:
+                logits = _forward(model, cache, token[:, None], prompt_tokens + step - 1, True)
+                token = logits[:, -1].argmax(-1)
+            step_s.append(watch.seconds)
             if on_step is not None:
                 on_step(step)
     return Generation(torch.stack(out, dim=1), prompt_tokens, kept, cache.nbytes(),
@@ -117,14 +111,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, policy: KVPolicy,
     """Prefill, evict in place to the budget, then decode greedily."""
     n = input_ids.shape[1]
     cache = make_cache(policy, budget, n, max_new_tokens, seed=seed)
-    _sync(input_ids.device)
-    t0 = time.perf_counter()
-    with bound(model, cache):
+    with Stopwatch(input_ids.device) as watch, bound(model, cache):
         logits = _forward(model, cache, input_ids, 0, last_only=True)[:, -1]
-    _sync(input_ids.device)
-    prefill_s = time.perf_counter() - t0
     result = decode(model, cache, logits, n, max_new_tokens, stop_ids, on_step)
-    result.prefill_s = prefill_s
+    result.prefill_s = watch.seconds
     return result
 
 

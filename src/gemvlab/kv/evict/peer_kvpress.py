@@ -31,10 +31,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from gemvlab.files import atomic_write_json
 
 PRESSES = {
     "streaming_llm": "StreamingLLMPress",
@@ -52,20 +53,6 @@ def compression_ratio(budget: float) -> float:
     if not 0 < budget <= 1:
         raise ValueError(f"budget {budget} must be in (0, 1]")
     return 1.0 - budget
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -156,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"peer_kvpress: {name} on {item['id']}: {record['error']}", file=sys.stderr)
             records.append(record)
 
-    write_json_atomic(args.output, {
+    atomic_write_json(args.output, {
         "kvpress_version": version("kvpress"),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,

@@ -283,7 +283,8 @@ def _kvpress_outputs(cfg, items, budgets: list[float], new: int, stops: list[int
         if proc.returncode != 0:
             raise GemvlabError(f"the kvpress peer run failed: {proc.stderr.strip()[-300:]}")
         out = json.loads((Path(tmp) / "out.json").read_text())
-    log.info("kvpress %s with transformers %s", out.get("kvpress"), out.get("transformers"))
+    log.info("kvpress %s with transformers %s", out.get("kvpress_version"),
+             out.get("transformers_version"))
     return {(r["press"], str(round(r["budget"] * 100)), r["id"]): r.get("token_ids")
             for r in out["records"]}
 
@@ -386,7 +387,7 @@ def kv_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Decode step time, tokens/s and KV bytes per KV policy and budget; see ``speed_bench``."""
     from tqdm.auto import tqdm
 
-    from gemvlab.finetune.step_bench import build_model
+    from gemvlab.bench.models import paper_shape_lm
     from gemvlab.kv.evict.speed_bench import benchmark_kv_decode, speed_metrics
     from gemvlab.models.load import torch_dtype
 
@@ -401,8 +402,8 @@ def kv_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     chosen = settings([by_name[p] for p in bcfg.policies], [float(b) for b in bcfg.budgets])
     mcfg = bcfg.model
     shape = OmegaConf.to_container(mcfg.shape, resolve=True)
-    model = build_model(str(mcfg.model_type), shape, torch_dtype(bcfg.dtype), str(bcfg.device),
-                        int(cfg.seed)).eval()
+    model = paper_shape_lm(str(mcfg.model_type), shape, torch_dtype(bcfg.dtype),
+                           str(bcfg.device), int(cfg.seed))
     total = len(bcfg.contexts) * len(bcfg.batches) * len(chosen)
     bar = tqdm(total=total, desc=f"{bcfg.name} decode", unit="setting")
     rows = benchmark_kv_decode(model, chosen, [int(c) for c in bcfg.contexts],

@@ -8,12 +8,12 @@ of GPU memory is recorded as such (the full cache runs out first: that is the po
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from gemvlab.bench.timing import spread
 from gemvlab.kv.evict.generate import generate
 from gemvlab.kv.evict.policies import KVPolicy
 
@@ -34,10 +34,9 @@ def _measure(model: torch.nn.Module, ids: torch.Tensor, policy: KVPolicy,
         out = generate(model, ids, policy, budget, warmup + steps + 1, seed=seed)
     except torch.OutOfMemoryError as exc:
         return {"oom": 1, "reason": str(exc).splitlines()[0][:200]}
-    timed = sorted(out.step_s[warmup:])
-    step = statistics.median(timed)
-    return {"oom": 0, "step_ms": step * 1e3, "p10_ms": timed[len(timed) // 10] * 1e3,
-            "p90_ms": timed[(9 * len(timed)) // 10] * 1e3, "tokens_per_s": ids.shape[0] / step,
+    step, p10, p90 = spread(out.step_s[warmup:])
+    return {"oom": 0, "step_ms": step * 1e3, "p10_ms": p10 * 1e3,
+            "p90_ms": p90 * 1e3, "tokens_per_s": ids.shape[0] / step,
             "prefill_ms": out.prefill_s * 1e3,
             "total_ms": (out.prefill_s + sum(out.step_s)) * 1e3,
             "kv_mb": out.kv_bytes / 2**20, "kept_tokens": out.kept_tokens,

@@ -7,7 +7,6 @@ compute the same folder from a run's resolved config.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from gemvlab.errors import GemvlabError
+from gemvlab.files import atomic_path, atomic_write_text, sha256_bytes, sha256_file
 from gemvlab.kv.quant.commvq import KeyCodebook, ValueCodec
 
 KV_FILE = "kv.safetensors"
@@ -23,7 +23,7 @@ CODEBOOK_FILE = "codebooks.safetensors"
 
 
 def _digest(blob: Any) -> str:
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return sha256_bytes(json.dumps(blob, sort_keys=True, default=str).encode())[:10]
 
 
 def artifact_dirs(plain: Mapping[str, Any]) -> dict[str, str] | None:
@@ -48,25 +48,15 @@ def needs_codebooks(plain: Mapping[str, Any]) -> bool:
         s.get("codec") == "commvq" for s in (method.get("settings") or {}).values())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write safetensors atomically, with a sidecar sha256 and the metadata."""
+    """Write safetensors atomically, with the metadata and a sidecar sha256 written before the
+    tensors land (a sidecar without its file reads as missing, never as verified)."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"gemvlab": json.dumps(meta)})
-    side = path.with_suffix(".sha256")
-    side.write_text(_sha256(tmp) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"gemvlab": json.dumps(meta)})
+        atomic_write_text(path.with_suffix(".sha256"), sha256_file(tmp) + "\n")
 
 
 def load_tensors(path: Path, hint: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -75,7 +65,7 @@ def load_tensors(path: Path, hint: str) -> tuple[dict[str, torch.Tensor], dict[s
     side = path.with_suffix(".sha256")
     if not path.is_file() or not side.is_file():
         raise GemvlabError(f"{path} is missing: {hint}")
-    if _sha256(path) != side.read_text().strip():
+    if sha256_file(path) != side.read_text().strip():
         raise GemvlabError(f"{path} does not match its sha256 (corrupt or edited): delete it "
                            f"and {hint}")
     with safe_open(str(path), framework="pt") as fh:

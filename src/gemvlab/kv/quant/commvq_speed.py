@@ -8,14 +8,13 @@ rotates from one context to the next) so that drift in clocks or caches hits bot
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
+from gemvlab.bench.timing import Stopwatch, spread
 from gemvlab.kv.quant.commvq_attention import (
     CompressedLayer,
     commutative_attention,
@@ -25,19 +24,6 @@ from gemvlab.kv.quant.commvq_attention import (
 
 IMPLS: dict[str, Callable[..., torch.Tensor]] = {"naive": naive_attention,
                                                  "commutative": commutative_attention}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_ms(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
 
 
 def _free(device: torch.device) -> None:
@@ -63,7 +49,9 @@ def _measure(layer: CompressedLayer, q: torch.Tensor, inv_freq: torch.Tensor, sc
     for _ in range(repeats):
         for name in list(times):
             try:
-                times[name].append(_timed_ms(calls[name], device))
+                with Stopwatch(device) as watch:
+                    calls[name]()
+                times[name].append(watch.seconds * 1e3)
             except torch.OutOfMemoryError:
                 del times[name], outputs[name]
                 _free(device)
@@ -109,10 +97,10 @@ def decode_speed(contexts: Sequence[int], settings: Sequence[Mapping[str, Any]],
             for impl in names:
                 found[f"speed/{impl}/{key}/oom"] = float(impl not in times)
                 if impl in times:
-                    ordered = sorted(times[impl])
-                    found[f"speed/{impl}/{key}/median_ms"] = statistics.median(ordered)
-                    found[f"speed/{impl}/{key}/p10_ms"] = ordered[len(ordered) // 10]
-                    found[f"speed/{impl}/{key}/p90_ms"] = ordered[(9 * len(ordered)) // 10]
+                    median, p10, p90 = spread(times[impl])
+                    found[f"speed/{impl}/{key}/median_ms"] = median
+                    found[f"speed/{impl}/{key}/p10_ms"] = p10
+                    found[f"speed/{impl}/{key}/p90_ms"] = p90
             if len(times) == len(names):
                 found[f"ratio/{key}/naive_over_commutative"] = (
                     found[f"speed/naive/{key}/median_ms"]
