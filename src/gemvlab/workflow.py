@@ -14,12 +14,44 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from gemvlab.config import PlannedRun, experiment_ids, plan_experiment
+from gemvlab.config import CONF_DIR, PlannedRun, experiment_ids, plan_experiment
+from gemvlab.errors import GemvlabError
 from gemvlab.registry import Artifact, Runner, runner_for
 
 # A run job's resources where its experiment does not set them (job_mem_mb, job_runtime_min).
 DEFAULT_MEM_MB = 8000
 DEFAULT_RUNTIME_MIN = 60
+
+
+CONFIG_SCHEMA = CONF_DIR / "workflow.schema.yaml"
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Refuse a --config mistake in one line naming the valid choices: an unknown key (the
+    schema's properties), a wrong type, an unknown scale or experiment."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(CONFIG_SCHEMA.read_text())
+    keys = list(schema["properties"])
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise GemvlabError(f"--config {', '.join(unknown)}: unknown key; use {', '.join(keys)}")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema)
+                                             .iter_errors(dict(config)))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path)
+        raise GemvlabError(f"--config {where}: {error.message}")
+    scales = sorted(p.stem for p in (CONF_DIR / "scale").glob("*.yaml"))
+    if "scale" in config and str(config["scale"]) not in scales:
+        raise GemvlabError(f"--config scale={config['scale']}: unknown scale; use one of "
+                           f"{', '.join(scales)}")
+    known = experiment_ids()
+    asked = [e for e in str(config.get("experiments", "")).split(",") if e]
+    wrong = [e for e in asked if e not in known]
+    if wrong:
+        raise GemvlabError(f"--config experiments={','.join(wrong)}: unknown experiment; use "
+                           f"one or more of {', '.join(known)} (comma-separated)")
 
 
 def runner_of(run: PlannedRun) -> Runner:
@@ -58,6 +90,7 @@ class Workflow:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Workflow:
         """Snakemake --config keys: scale, experiments, overrides, results, resources."""
+        check_config(config)
         scale = str(config.get("scale", "cpu"))
         results = str(config.get("results") or ("results" if scale == "cpu"
                                                  else f"results/{scale}"))
