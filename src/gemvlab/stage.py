@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from gemvlab.config import compose, conf_dir, run_id, to_plain
+from gemvlab.config import compose, conf_dir, register_experiments, run_id, to_plain
 from gemvlab.errors import GemvlabError
 from gemvlab.results import provenance, records
 from gemvlab.tracking import Tracker
@@ -126,6 +126,7 @@ def stage(name: str) -> Callable[[StageFn], Callable[[], None]]:
                     print(f"gemvlab {name}: error: {exc}", file=sys.stderr)
                     sys.exit(2)
             sys.argv = [sys.argv[0], *argv, f"hydra.job.name={name}"]
+            register_experiments()
             _hydra_main()
 
         return main
