@@ -157,3 +157,11 @@ def test_lm_eval_from_an_unreachable_hub_fails_with_one_line(tree, monkeypatch):
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and "cannot load lm-eval task data from the hub" in lines[0]
+
+
+def test_print_the_config_with_overrides_before_the_flag():
+    """The README's `python -m gemvlab.stages <stage> <overrides> --cfg job` prints the config."""
+    proc = run_stage("bench", "experiment=neupims", "experiment.stage=bench", "bench=neupims_cpu",
+                     "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kind: decode_ops" in proc.stdout and "name: neupims_cpu" in proc.stdout

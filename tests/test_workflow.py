@@ -24,7 +24,8 @@ def test_every_experiment_and_group_option_composes():
         assert plan_experiment(exp)
     for group in ("model", "data", "eval", "scale", "logger", "method", "analysis", "bench", "hw",
                   "sim"):
-        for option in sorted((REPO_ROOT / "conf" / group).glob("*.yaml")):
+        for option in sorted([*(REPO_ROOT / "conf" / group).glob("*.yaml"),
+                              *(REPO_ROOT / "experiments").glob(f"*/conf/{group}/*.yaml")]):
             extra = ["model.path=/x"] if option.stem == "local" else []
             if group in ("method", "analysis", "bench"):  # groups an experiment brings in
                 extra.append("experiment=llm_int8")

@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from gemvlab.errors import GemvlabError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
+EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
 # Keys that do not change what a run computes, so they stay out of its run_id.
 _NOT_IN_RUN_ID = ("logger", "paths", "threads", "hub_online")
@@ -39,6 +41,36 @@ def conf_dir() -> Path:
     return CONF_DIR
 
 
+@cache
+def register_experiments() -> None:
+    """Offer each experiments/<id>/ to Hydra, so adding a paper edits no shared file.
+
+    experiments/<id>/experiment.yaml becomes option <id> of group experiment, and
+    experiments/<id>/conf/<group>/<name>.yaml option <name> of <group>, each with the package
+    its header names, as Hydra would read it from conf/. Both the compose API and @hydra.main
+    see them through Hydra's ConfigStore.
+    """
+    from hydra.core.config_store import ConfigStore
+    from hydra.plugins.config_source import ConfigSource
+
+    owners: dict[str, Path] = {}
+    files = [(f"experiment/{exp}", EXPERIMENTS_DIR / exp / "experiment.yaml")
+             for exp in experiment_ids()]
+    files += [(f"{p.parent.name}/{p.stem}", p)
+              for p in sorted(EXPERIMENTS_DIR.glob("*/conf/*/*.yaml"))]
+    for option, path in files:
+        other = owners.get(option, conf_dir() / f"{option}.yaml")
+        if other.is_file():
+            raise GemvlabError(f"config {option} is defined twice, in {path} and {other}: "
+                               "rename one")
+        owners[option] = path
+        group, name = option.split("/")
+        text = path.read_text(encoding="utf-8")
+        ConfigStore.instance().store(group=group, name=name, node=OmegaConf.create(text),
+                                     package=ConfigSource._get_header_dict(text)["package"],
+                                     provider=str(path.parent.relative_to(REPO_ROOT)))
+
+
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose the root config with overrides, outside @hydra.main (Snakefile, tests)."""
     from hydra import compose as hydra_compose
@@ -47,6 +79,7 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
     from gemvlab.hydra_errors import explain
 
+    register_experiments()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -112,7 +145,8 @@ def plan_experiment(experiment: str, extra: Sequence[str] = ()) -> list[PlannedR
 
 
 def experiment_ids() -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+    """The folders of experiments/ that declare an experiment."""
+    return sorted(p.parent.name for p in EXPERIMENTS_DIR.glob("*/experiment.yaml"))
 
 
 def by_scale(node: Any, scale: str) -> Any:

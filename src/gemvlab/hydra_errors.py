@@ -16,7 +16,8 @@ def explain(exc: BaseException, overrides: Sequence[str] = ()) -> str:
         return f"unknown {group} '{value}'{choices} (override {group}=<name>)"
     unknown_group = re.search(r"Could not find '([^']+)'", text)
     if unknown_group:
-        return f"unknown config '{unknown_group.group(1)}': see the groups under conf/"
+        return (f"unknown config '{unknown_group.group(1)}': "
+                "see the groups under conf/ and experiments/*/conf/")
     bad_key = re.search(r"Could not override '([^']+)'", text) or re.search(
         r"Key '([^']+)' is not in struct", text)
     if bad_key:

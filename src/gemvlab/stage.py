@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from gemvlab.config import compose, conf_dir, run_id, to_plain
+from gemvlab.config import compose, conf_dir, register_experiments, run_id, to_plain
 from gemvlab.errors import GemvlabError
 from gemvlab.results import provenance, records
 from gemvlab.tracking import Tracker
@@ -42,6 +42,29 @@ def _user_overrides(argv: list[str]) -> list[str] | None:
     if any(a.startswith("-") for a in argv):
         return None
     return [a for a in argv if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
+
+
+# Hydra's flags that take a value (the rest, --run, -m, --resolve, take none).
+_VALUED_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name",
+                 "-cn", "--config-dir", "-cd", "--experimental-rerun")
+
+
+def _options_first(argv: list[str]) -> list[str]:
+    """Hydra's flags, then every override: argparse takes the overrides as one run of
+    positionals, so `x=1 --cfg job` plus the job name appended must become `--cfg job x=1`."""
+    options: list[str] = []
+    overrides: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("-"):
+            options.append(arg)
+            if arg in _VALUED_FLAGS:
+                options.append(next(args, ""))
+        elif options[-1:] in (["--info"], ["-i"]) and "=" not in arg:
+            options.append(arg)  # --info's optional value (config, defaults, ...)
+        else:
+            overrides.append(arg)
+    return [*options, *overrides]
 
 
 def set_determinism(seed: int, threads: int | None) -> None:
@@ -135,7 +158,8 @@ def stage(name: str) -> Callable[[StageFn], Callable[[], None]]:
                 except GemvlabError as exc:
                     print(f"gemvlab {name}: error: {exc}", file=sys.stderr)
                     sys.exit(2)
-            sys.argv = [sys.argv[0], *argv, f"hydra.job.name={name}"]
+            sys.argv = [sys.argv[0], *_options_first(argv), f"hydra.job.name={name}"]
+            register_experiments()
             _hydra_main()
 
         return main

@@ -1,4 +1,4 @@
-"""The simulated machines and model shapes, as frozen dataclasses built from conf/hw and conf/sim.
+"""The simulated machines and model shapes, as frozen dataclasses built from the hw and sim groups.
 
 Times are in nanoseconds and sizes in bytes throughout the simulator; a 1 GHz clock makes one
 cycle one nanosecond, but every clock is a parameter.
