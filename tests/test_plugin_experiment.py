@@ -78,3 +78,15 @@ def test_a_toy_experiment_plugs_in_without_editing_a_shared_file(tmp_path: Path)
     assert "norms_positive" in claims and "reproduced" in claims
     record = next((results / "runs" / "toy").iterdir())
     assert (record / "provenance.json").is_file() and (resources / "models" / "tiny").is_dir()
+
+    # A fresh fetch of the same model (a newer manifest) on a machine that has the records but
+    # no Snakemake metadata (a fresh clone) does not make them stale.
+    shutil.rmtree(repo / ".snakemake")
+    manifest = resources / "models" / "tiny" / "manifest.json"
+    later = (record / "metrics.json").stat().st_mtime + 60
+    os.utime(manifest, (later, later))
+    again = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", str(results / "CLAIMS.md"), "--config",
+         "experiments=toy", "scale=smoke", f"results={results}", f"resources={resources}",
+         "overrides=logger=none"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from snakemake.io import ancient
+
 from gemvlab.config import CONF_DIR, PlannedRun, experiment_ids, plan_experiment
 from gemvlab.errors import GemvlabError
 from gemvlab.registry import Artifact, Runner, runner_for
@@ -167,8 +169,11 @@ class Workflow:
         runner = runner_for(stage or run.stage, plain)
         needs = []
         if runner.uses_model:
-            needs.append(f"{self.resources}/models/{plain['model']['name']}/manifest.json")
-            needs += [f"{self.resources}/data/{d}/manifest.json"
+            # ancient(): a fetch is named by its config (in the run_id) and sha256-checked at
+            # every load, so a fresh fetch of the same model never makes a record stale.
+            needs.append(ancient(f"{self.resources}/models/{plain['model']['name']}/"
+                                 "manifest.json"))
+            needs += [ancient(f"{self.resources}/data/{d}/manifest.json")
                       for d in plain.get("eval", {}).get("datasets", [])]
         needs += runner.inputs(plain)
         needs += [a.path for a in runner.artifacts(plain)]
