@@ -37,3 +37,17 @@ def test_snakemake_stops_before_planning():
     assert proc.returncode != 0
     said = proc.stdout + proc.stderr
     assert "--config scale=huge: unknown scale; use one of cpu, gpu, paper, smoke" in said
+
+
+def test_run_ids_reach_the_tables_stage_as_strings():
+    """A hex run_id such as 79e9783984 must not parse as a float (it did: inf)."""
+    from types import SimpleNamespace
+
+    from gemvlab.config import compose
+    from gemvlab.workflow import Workflow
+
+    plan = SimpleNamespace(plan={"x": [SimpleNamespace(run_id="79e9783984"),
+                                       SimpleNamespace(run_id="0123456789")]})
+    listed = Workflow.run_id_list(plan, SimpleNamespace(experiment="x"))
+    cfg = compose([f"report.run_ids=[{listed}]"])
+    assert list(cfg.report.run_ids) == ["79e9783984", "0123456789"]

@@ -88,7 +88,37 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         raise GemvlabError(explain(exc, overrides)) from exc
     finally:
         GlobalHydra.instance().clear()
-    return cfg
+    return apply_scale(cfg)
+
+
+def scale_names() -> set[str]:
+    return {p.stem for p in (conf_dir() / "scale").glob("*.yaml")}
+
+
+def select_scale(node: Any, scale: str, scales: set[str], where: str = "") -> Any:
+    """``node`` with every per-scale mapping ({smoke: .., cpu: .., gpu: .., paper: ..}, keys
+    all scale names) replaced by the value of ``scale``: the one way to give a setting per
+    scale, and only the value a run uses reaches its config and run_id."""
+    if isinstance(node, Mapping):
+        if node and set(node) <= scales:
+            if scale not in node:
+                raise GemvlabError(f"{where or 'the config'} gives values for scales "
+                                   f"{sorted(node)} but none for {scale}: add {scale}: <value>")
+            return select_scale(node[scale], scale, scales, where)
+        return {k: select_scale(v, scale, scales, f"{where}.{k}".lstrip("."))
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [select_scale(v, scale, scales, where) for v in node]
+    return node
+
+
+def apply_scale(cfg: DictConfig) -> DictConfig:
+    """The composed config with its per-scale settings resolved for ``scale.name`` (what every
+    stage and the planner see; interpolations stay as they are)."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    scaled = OmegaConf.create(select_scale(plain, str(cfg.scale.name), scale_names()))
+    OmegaConf.set_struct(scaled, bool(OmegaConf.is_struct(cfg)))
+    return scaled
 
 
 def to_plain(cfg: DictConfig) -> dict:
@@ -147,8 +177,3 @@ def plan_experiment(experiment: str, extra: Sequence[str] = ()) -> list[PlannedR
 def experiment_ids() -> list[str]:
     """The folders of experiments/ that declare an experiment."""
     return sorted(p.parent.name for p in EXPERIMENTS_DIR.glob("*/experiment.yaml"))
-
-
-def by_scale(node: Any, scale: str) -> Any:
-    """A setting given per scale ({smoke: .., cpu: ..}) or once for all scales."""
-    return node[scale] if isinstance(node, Mapping | DictConfig) and scale in node else node

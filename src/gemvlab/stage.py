@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from gemvlab.config import compose, conf_dir, register_experiments, run_id, to_plain
+from gemvlab.config import apply_scale, compose, conf_dir, register_experiments, run_id, to_plain
 from gemvlab.errors import GemvlabError
 from gemvlab.results import provenance, records
 from gemvlab.tracking import Tracker
@@ -94,6 +94,7 @@ def _check_run_folder(cfg_plain: dict, run_dir: Path, rid: str) -> None:
 
 def execute(name: str, body: StageFn, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Run one stage body and write its record; also the entry used by tests."""
+    cfg = apply_scale(cfg)
     _set_offline(cfg)
     plain = to_plain(cfg)
     rid = run_id(plain, name)

@@ -274,4 +274,6 @@ class Workflow:
                 for r in self.plan[wildcards.experiment]]
 
     def run_id_list(self, wildcards: Any) -> str:
-        return ",".join(r.run_id for r in self.plan[wildcards.experiment])
+        """The run_ids as a Hydra list of strings: quoted, since a hex id like 79e9783984
+        would otherwise parse as a float (inf)."""
+        return ",".join(f'"{r.run_id}"' for r in self.plan[wildcards.experiment])

@@ -1,8 +1,20 @@
 """Datasets: fetched once into <resources>/data/<name>/ with fixed splits and a manifest."""
 
+import json
 from pathlib import Path
+
+from gemvlab.errors import GemvlabError
 
 
 def data_dir(resources: Path, name: str) -> Path:
     """The one place a dataset's folder is named: everything else asks for it by name."""
     return Path(resources) / "data" / name
+
+
+def read_texts(path: Path) -> list[str]:
+    """The texts of one split file (JSON lines with a "text" field)."""
+    if not path.is_file():
+        raise GemvlabError(f"{path} is missing: run python -m gemvlab.stages.fetch_data "
+                           f"data={path.parent.name} (or snakemake)")
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line)["text"] for line in fh if line.strip()]

@@ -14,11 +14,12 @@ from gemvlab.stage import StageContext
 
 @runner("evaluate", "model")
 def evaluate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
-    from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
+    from gemvlab.eval.suite import evaluation_metrics
+    from gemvlab.models.load import load_run_model
 
     resources = Path(cfg.paths.resources)
     t0 = time.perf_counter()
-    model, tokenizer = load_evaluated_model(cfg, resources)
+    model, tokenizer = load_run_model(cfg, resources)
     metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
     metrics.update(evaluation_metrics(model, tokenizer, cfg, resources))
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)

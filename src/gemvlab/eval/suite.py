@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -10,18 +9,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from gemvlab.data import data_dir
+from gemvlab.data import data_dir, read_texts
 from gemvlab.errors import GemvlabError
 
 log = logging.getLogger(__name__)
-
-
-def read_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise GemvlabError(f"{path} is missing: run python -m gemvlab.stages.fetch_data "
-                           f"data={path.parent.name} (or snakemake)")
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line)["text"] for line in fh if line.strip()]
 
 
 def perplexity_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> dict[str, float]:
@@ -86,21 +77,3 @@ def evaluation_metrics(model, tokenizer, cfg: DictConfig, resources: Path) -> di
             metrics.update(lm_eval_metrics(model, tokenizer, cfg, resources))
             metrics["lm_eval_s"] = round(time.perf_counter() - t2, 3)
     return metrics
-
-
-def load_evaluated_model(cfg: DictConfig, resources: Path):
-    """Check the eval datasets, then load the model; refuse random models (no tokenizer)."""
-    from omegaconf import OmegaConf
-
-    from gemvlab.manifest import verify_manifest
-    from gemvlab.models.load import load_model
-
-    for name in cfg.eval.datasets:
-        verify_manifest(data_dir(resources, name),
-                        f"run python -m gemvlab.stages.fetch_data data={name} (or snakemake)")
-    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), resources,
-                                  device=cfg.scale.device, seed=int(cfg.seed))
-    if tokenizer is None:
-        raise GemvlabError(f"model {cfg.model.name} has random weights and no tokenizer: "
-                           "evaluate a packaged or hub model")
-    return model, tokenizer

@@ -59,7 +59,7 @@ def adapter_spec(method: DictConfig):
 
 def train_windows(tokenizer, cfg: DictConfig, resources: Path) -> torch.Tensor:
     """The first train.max_tokens tokens of the Austen train split, in windows of seq_len."""
-    from gemvlab.eval.suite import read_texts
+    from gemvlab.data import read_texts
     from gemvlab.finetune.train import token_windows
 
     docs = read_texts(data_dir(resources, "austen") / "train.jsonl")
@@ -158,15 +158,16 @@ def training_metrics(model: torch.nn.Module, tokenizer, cfg: DictConfig, resourc
 
 @runner("finetune", "adapters")
 def finetune(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
-    from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
+    from gemvlab.eval.suite import evaluation_metrics
     from gemvlab.finetune.quantized_base import quantize_base
+    from gemvlab.models.load import load_run_model
 
     if cfg.method.kind not in KINDS:
         raise GemvlabError(f"method.kind={cfg.method.kind} is unknown to the finetune stage: "
                            f"use one of {KINDS} (e.g. method=oftv2)")
     resources = Path(cfg.paths.resources)
     t0 = time.perf_counter()
-    model, tokenizer = load_evaluated_model(cfg, resources)
+    model, tokenizer = load_run_model(cfg, resources)
     metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
     base = str(cfg.method.get("base", "none"))
     if base != "none":

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from gemvlab.bench.models import random_lm
+from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
 from gemvlab.manifest import verify_manifest
 from gemvlab.models.fetch import model_dir
@@ -52,3 +54,17 @@ def load_model(cfg: Mapping[str, Any], resources: Path, *, device: str = "cpu",
                                                  trust_remote_code=False).to(dev)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     return model.eval(), tokenizer
+
+
+def load_run_model(cfg: DictConfig, resources: Path) -> tuple[torch.nn.Module, Any]:
+    """A run's model and tokenizer, its eval datasets checked first; a random model (no
+    tokenizer) is refused."""
+    for name in cfg.eval.datasets:
+        verify_manifest(data_dir(resources, name),
+                        f"run python -m gemvlab.stages.fetch_data data={name} (or snakemake)")
+    model, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True), resources,
+                                  device=cfg.scale.device, seed=int(cfg.seed))
+    if tokenizer is None:
+        raise GemvlabError(f"model {cfg.model.name} has random weights and no tokenizer: "
+                           "evaluate a packaged or hub model")
+    return model, tokenizer

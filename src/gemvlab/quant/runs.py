@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def outlier_metrics(model, tokenizer, cfg: DictConfig, resources: Path,
                     run_dir: Path) -> dict[str, float]:
     """Outlier features over calibration text; the per-layer dims go to outliers.json."""
-    from gemvlab.eval.suite import read_texts
+    from gemvlab.data import read_texts
     from gemvlab.quant.outliers import collect_hits, outlier_report
 
     acfg = cfg.analysis
@@ -52,7 +52,7 @@ def calibration_batches(tokenizer, cfg: DictConfig, resources: Path,
                         device: torch.device) -> list[torch.Tensor]:
     """The first method.calibration.tokens tokens of the Austen calibration split, in
     sequences of method.calibration.seq_len."""
-    from gemvlab.eval.suite import read_texts
+    from gemvlab.data import read_texts
 
     ccfg = cfg.method.calibration
     docs = read_texts(data_dir(resources, "austen") / "calibration.jsonl")
@@ -115,12 +115,13 @@ def apply_method(model: torch.nn.Module, tokenizer, cfg: DictConfig,
 
 @runner("quantize", "model_quantizers")
 def quantize(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
-    from gemvlab.eval.suite import evaluation_metrics, load_evaluated_model
+    from gemvlab.eval.suite import evaluation_metrics
+    from gemvlab.models.load import load_run_model
     from gemvlab.quant.linear import decomposition_share
 
     resources = Path(cfg.paths.resources)
     t0 = time.perf_counter()
-    model, tokenizer = load_evaluated_model(cfg, resources)
+    model, tokenizer = load_run_model(cfg, resources)
     metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
     if cfg.analysis.name == "outliers":
         metrics.update(outlier_metrics(model, tokenizer, cfg, resources, ctx.run_dir))

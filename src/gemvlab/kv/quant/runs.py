@@ -33,7 +33,6 @@ import torch
 from omegaconf import DictConfig
 
 from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
-from gemvlab.config import by_scale
 from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
 from gemvlab.kv.quant.codebooks import (
@@ -58,8 +57,8 @@ TASKS = ("quality", "passkey", "mse")
 def split_sequences(tokenizer, resources: Path, split: str, sequences: int,
                     length: int) -> list[torch.Tensor]:
     """``sequences`` consecutive [1, length] windows of one Austen split's token stream."""
+    from gemvlab.data import read_texts
     from gemvlab.eval.perplexity import corpus_ids
-    from gemvlab.eval.suite import read_texts
 
     ids = corpus_ids(tokenizer, read_texts(data_dir(resources, "austen") / f"{split}.jsonl"),
                      sequences * length, False)
@@ -118,14 +117,14 @@ def _cache_measures(cache, tokens: int, layers: int, heads: int, dim: int) -> di
     return out
 
 
-def quality_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dict[str, float]:
+def quality_metrics(model, tokenizer, cfg, codecs, resources, bar) -> dict[str, float]:
+    from gemvlab.data import read_texts
     from gemvlab.eval.perplexity import corpus_ids
-    from gemvlab.eval.suite import read_texts
     from gemvlab.kv.quant.quant_cache import continuation_nll, prefill
 
     qcfg, window = cfg.eval.kvq, int(cfg.method.window)
-    contexts = [int(c) for c in by_scale(qcfg.contexts, scale)]
-    scored, chunk = int(by_scale(qcfg.scored, scale)), int(by_scale(qcfg.chunk, scale))
+    contexts = [int(c) for c in qcfg.contexts]
+    scored, chunk = int(qcfg.scored), int(qcfg.chunk)
     docs = read_texts(data_dir(resources, "austen") / "test.jsonl")
     ids = corpus_ids(tokenizer, docs, max(contexts), False)
     if ids.numel() < max(contexts):
@@ -160,15 +159,15 @@ def _kv_shape(model) -> tuple[int, int, int]:
     return int(c.num_hidden_layers), int(c.num_key_value_heads), dim
 
 
-def passkey_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dict[str, float]:
+def passkey_metrics(model, tokenizer, cfg, codecs, resources, bar) -> dict[str, float]:
+    from gemvlab.data import read_texts
     from gemvlab.eval.passkey import answer_correct, passkey_prompt
     from gemvlab.eval.perplexity import corpus_ids
-    from gemvlab.eval.suite import read_texts
     from gemvlab.kv.quant.quant_cache import forward_chunk, greedy, prefill
 
     pcfg, window = cfg.eval.kvq, int(cfg.method.window)
-    lengths = [int(n) for n in by_scale(pcfg.lengths, scale)]
-    depths = [float(d) for d in by_scale(pcfg.depths, scale)]
+    lengths = [int(n) for n in pcfg.lengths]
+    depths = [float(d) for d in pcfg.depths]
     filler = corpus_ids(tokenizer, read_texts(data_dir(resources, "austen") / "test.jsonl"),
                         max(lengths), False).tolist()
     device = next(model.parameters()).device
@@ -207,14 +206,14 @@ def passkey_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dic
     return metrics
 
 
-def mse_metrics(model, tokenizer, cfg, codecs, scale, resources, bar) -> dict[str, float]:
+def mse_metrics(model, tokenizer, cfg, codecs, resources, bar) -> dict[str, float]:
     from gemvlab.kv.quant.commvq import from_pairs, to_pairs
     from gemvlab.kv.quant.quant_cache import collect, model_rotation
 
     mcfg = cfg.eval.kvq
     device = next(model.parameters()).device
-    seqs = split_sequences(tokenizer, resources, "test", int(by_scale(mcfg.sequences, scale)),
-                           int(by_scale(mcfg.length, scale)))
+    seqs = split_sequences(tokenizer, resources, "test", int(mcfg.sequences),
+                           int(mcfg.length))
     rotation = model_rotation(model)
     sums: dict[tuple[str, int, str], list[float]] = {}
     for seq in seqs:
@@ -271,21 +270,21 @@ def kvq_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from gemvlab.eval.guards import finite_outputs
-    from gemvlab.eval.suite import load_evaluated_model
+    from gemvlab.models.load import load_run_model
 
     qcfg = cfg.eval.get("kvq")
     if qcfg is None or qcfg.get("task") not in TASKS:
         raise GemvlabError(f"eval={cfg.eval.name} has no KV-quantization task: use "
                            "eval=kvq_quality, kvq_passkey or kvq_mse")
-    scale, resources = str(cfg.scale.name), Path(cfg.paths.resources)
+    resources = Path(cfg.paths.resources)
     t0 = time.perf_counter()
-    model, tokenizer = load_evaluated_model(cfg, resources)
+    model, tokenizer = load_run_model(cfg, resources)
     codecs = build_codecs(cfg, ctx.config, model)
     metrics: dict[str, float] = {"load_s": round(time.perf_counter() - t0, 3)}
     task = str(qcfg.task)
     bar = tqdm(desc=f"{cfg.model.name} {task}", unit="run")
     with finite_outputs(model, f"model {cfg.model.name}"):
-        metrics.update(_TASK_FNS[task](model, tokenizer, cfg, codecs, scale, resources, bar))
+        metrics.update(_TASK_FNS[task](model, tokenizer, cfg, codecs, resources, bar))
     bar.close()
     metrics["eval_s"] = round(time.perf_counter() - t0 - metrics["load_s"], 3)
     metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -295,18 +294,18 @@ def kvq_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
 @runner("kv_collect", "kv_codebooks", applies=lambda plain: artifact_dirs(plain) is not None)
 def kv_collect(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Each layer's keys (before RoPE) and values over Austen text, for training codebooks."""
-    from gemvlab.eval.suite import load_evaluated_model
     from gemvlab.kv.quant.quant_cache import collect
+    from gemvlab.models.load import load_run_model
 
     dirs = artifact_dirs(ctx.config)
     if dirs is None:
         raise GemvlabError(f"method={cfg.method.name} trains no codebooks: use method=kvq")
-    ccfg, scale = cfg.method.codebooks.collect, str(cfg.scale.name)
+    ccfg = cfg.method.codebooks.collect
     resources = Path(cfg.paths.resources)
     t0 = time.perf_counter()
-    model, tokenizer = load_evaluated_model(cfg, resources)
+    model, tokenizer = load_run_model(cfg, resources)
     seqs = split_sequences(tokenizer, resources, str(ccfg.split),
-                           int(by_scale(ccfg.sequences, scale)), int(by_scale(ccfg.length, scale)))
+                           int(ccfg.sequences), int(ccfg.length))
     device = next(model.parameters()).device
     keys, values = collect(model, [s.to(device) for s in seqs])
     tensors = {f"k.{i}": k.half() for i, k in enumerate(keys)}
@@ -329,7 +328,7 @@ def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     dirs = artifact_dirs(ctx.config)
     if dirs is None:
         raise GemvlabError(f"method={cfg.method.name} trains no codebooks: use method=kvq")
-    books_cfg, scale = cfg.method.codebooks, str(cfg.scale.name)
+    books_cfg = cfg.method.codebooks
     kcfg, vcfg = books_cfg.key_codebook, books_cfg.value_codec
     tensors, meta = load_tensors(Path(dirs["collect"]) / KV_FILE,
                                  "run python -m gemvlab.stages kv_collect with the same "
@@ -337,7 +336,7 @@ def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     layers = int(meta["layers"])
     keys = [tensors[f"k.{i}"].float() for i in range(layers)]
     values = [tensors[f"v.{i}"].float().flatten(1) for i in range(layers)]
-    levels = int(by_scale(kcfg.levels, scale))
+    levels = int(kcfg.levels)
     head_dim = keys[0].shape[-1]
     stages = commvq.key_stages(float(kcfg.max_bits), head_dim, levels)
     metrics: dict[str, float] = {"tokens": keys[0].shape[0], "levels": levels, "stages": stages}
@@ -346,7 +345,7 @@ def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     temps = tuple(float(t) for t in kcfg.temperatures)
     for i in tqdm(range(layers), desc="key codebooks (EM)", unit="layer"):
         book, histories = commvq.train_key_codebook(
-            keys[i], stages, levels, int(by_scale(kcfg.iters, scale)), temps,
+            keys[i], stages, levels, int(kcfg.iters), temps,
             int(books_cfg.seed) + i)
         books.append(book)
         metrics[f"train/key/{i}/first_stage_error_start"] = histories[0][0]
@@ -356,7 +355,7 @@ def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     codecs = {}
     for bits in [int(b) for b in vcfg.bits]:
         t1 = time.perf_counter()
-        bar = tqdm(total=int(by_scale(vcfg.steps, scale)), desc=f"value codecs {bits}-bit",
+        bar = tqdm(total=int(vcfg.steps), desc=f"value codecs {bits}-bit",
                    unit="step")
         losses: list[float] = []
 
@@ -365,7 +364,7 @@ def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
             bar.update()
 
         codecs[bits] = commvq.train_value_codecs(
-            values, bits, int(by_scale(vcfg.steps, scale)), int(by_scale(vcfg.batch, scale)),
+            values, bits, int(vcfg.steps), int(vcfg.batch),
             float(vcfg.lr), float(vcfg.tau), int(books_cfg.seed),
             int(vcfg.hidden) if vcfg.hidden else None, on_step)
         bar.close()
