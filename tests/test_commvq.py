@@ -9,6 +9,22 @@ import torch
 from gemvlab.kv.quant import commvq
 
 
+def decode_keys(codes, norm, book):
+    """Keys from their codes (the pairs back to vectors): the test's view of a decoded cache."""
+    return commvq.from_pairs(commvq.decode_key_pairs(codes, norm, book))
+
+
+def key_bits_per_token(heads: int, stages: int, levels: int) -> int:
+    """The paper's key budget per token and layer: 2 log2(L) bits per stage and head, plus a
+    fp16 norm (what the packed cache must hold, no more)."""
+    return heads * stages * 2 * int(math.log2(levels)) + 16
+
+
+def value_bits_per_token(features: int, bits: int) -> int:
+    """The paper's value budget per token and layer: the code bits and a fp16 scale."""
+    return features * bits + 16
+
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -36,14 +52,14 @@ def test_rotating_a_decoded_key_equals_decoding_with_rotated_codewords():
                                         temperatures=(0.0, 0.0), seed=0)
     codes, norm = commvq.encode_keys(keys, book)
     positions = torch.arange(64) * 7
-    rotated_decoded = _rope(commvq.decode_keys(codes, norm, book), positions)
+    rotated_decoded = _rope(decode_keys(codes, norm, book), positions)
     # Rotate every codeword theta_A and theta_B per position, then decode with the same codes.
     inv = 10000.0 ** (-torch.arange(0, 8, 2).float() / 8)
     turn = torch.polar(torch.ones(64, 4), positions[:, None].float() * inv)  # [T, g]
     out = []
     for t in range(64):
         rotated = commvq.KeyCodebook(book.theta * turn[t])
-        out.append(commvq.decode_keys(codes[t:t + 1], norm[t:t + 1], rotated))
+        out.append(decode_keys(codes[t:t + 1], norm[t:t + 1], rotated))
     torch.testing.assert_close(torch.cat(out), rotated_decoded, rtol=1e-5, atol=1e-5)
     # An unstructured codebook (independent real codewords) would not commute:
     a = torch.randn(2, 8)
@@ -109,7 +125,7 @@ def test_more_stages_reconstruct_better_and_a_prefix_is_a_codebook():
     for r in (1, 2, 4):
         sub = book.prefix(r)
         codes, norm = commvq.encode_keys(keys, sub)
-        errors.append(float(((commvq.decode_keys(codes, norm, sub) - keys) ** 2).mean()))
+        errors.append(float(((decode_keys(codes, norm, sub) - keys) ** 2).mean()))
     assert errors[0] > errors[1] > errors[2]
 
 
@@ -145,8 +161,8 @@ def test_value_codec_trains_and_its_bits_select_codebook_rows():
 
 def test_bits_per_token_at_the_papers_shape_give_87_5_percent():
     heads, dim = 8, 128
-    kbits = commvq.key_bits_per_token(heads, commvq.key_stages(2, dim, 64), 64)
-    vbits = commvq.value_bits_per_token(heads * dim, 2)
+    kbits = key_bits_per_token(heads, commvq.key_stages(2, dim, 64), 64)
+    vbits = value_bits_per_token(heads * dim, 2)
     fp16 = 2 * heads * dim * 16
     assert kbits == 8 * 21 * 12 + 16 and vbits == 2048 + 16
     assert math.isclose(1 - (kbits + vbits) / fp16, 0.875)

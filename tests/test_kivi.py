@@ -11,7 +11,6 @@ import torch
 from gemvlab.kv.quant.bitpack import pack_codes, packed_bytes, unpack_codes
 from gemvlab.kv.quant.kivi import (
     KiviPacked,
-    bits_per_element,
     dequantize,
     quantize_keys,
     quantize_values,
@@ -37,6 +36,12 @@ def test_pack_unpack_roundtrip(bits: int, n: int) -> None:
     assert packed.dtype == torch.uint8
     assert packed.shape == (3, 2, math.ceil(n * bits / 8)) == (3, 2, packed_bytes(n, bits))
     assert torch.equal(unpack_codes(packed, bits, n), codes)
+
+
+def bits_per_element(p) -> float:
+    """Storage cost in bits per original element, metadata included."""
+    t, h, d = p.shape
+    return 8 * p.nbytes() / (t * h * d)
 
 
 def test_pack_known_bytes() -> None:

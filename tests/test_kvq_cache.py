@@ -19,6 +19,7 @@ from gemvlab.kv.quant.quant_cache import (
     prefill,
     quantized_before,
 )
+from tests.test_commvq import key_bits_per_token
 from tests.tiny import make_llama
 
 VOCAB = 97
@@ -115,7 +116,7 @@ def test_commvq_codec_counts_its_bits_exactly(model):
     key_bytes = math.ceil(heads * book.stages * 2 * math.log2(book.levels) / 8) + 2
     value_bytes = math.ceil(codec.value_codecs[0].rows / 8) + 2
     expected = t * (key_bytes + value_bytes)
-    assert commvq.key_bits_per_token(heads, book.stages, book.levels) == \
+    assert key_bits_per_token(heads, book.stages, book.levels) == \
         heads * book.stages * 2 * math.log2(book.levels) + 16
     assert packed.nbytes == expected
 

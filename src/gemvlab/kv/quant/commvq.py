@@ -234,15 +234,6 @@ def decode_key_pairs(codes: Tensor, norm: Tensor, book: KeyCodebook) -> Tensor:
     return z * norm.float()[:, None, None]
 
 
-def decode_keys(codes: Tensor, norm: Tensor, book: KeyCodebook) -> Tensor:
-    return from_pairs(decode_key_pairs(codes, norm, book))
-
-
-def key_bits_per_token(heads: int, stages: int, levels: int) -> int:
-    """Bits one token's keys hold in one layer: 2 log2(L) per stage and head, a fp16 norm."""
-    return heads * stages * 2 * int(math.log2(levels)) + 16
-
-
 # ----------------------------------------------------------------------------- values
 
 # The four patterns a 4-way hard choice writes into a pair of code bits.
@@ -358,8 +349,3 @@ def train_value_codecs(values: Sequence[Tensor], bits: int, steps: int, batch: i
             c.out.bias.copy_(params["out_b"][i, 0])
             c.codebook.copy_(params["codebook"][i])
     return [c.eval() for c in codecs]
-
-
-def value_bits_per_token(features: int, bits: int) -> int:
-    """Bits one token's values hold in one layer: the code bits and a fp16 scale."""
-    return features * bits + 16

@@ -112,10 +112,3 @@ def dequantize(p: KiviPacked, dtype: torch.dtype = torch.float32) -> Tensor:
     else:  # [T, H, D // group, group] -> [T, H, D]
         x = x.reshape(t, h, d)
     return x.to(dtype)
-
-
-def bits_per_element(p: KiviPacked) -> float:
-    """Storage cost in bits per original element, metadata included."""
-    t, h, d = p.shape
-    return 8 * p.nbytes() / (t * h * d)
-
