@@ -22,7 +22,7 @@ from gemvlab.results.tables import untimed
 from tests.slurm_cluster import SlurmCluster, install_packages
 
 # The experiment that needs no model fetch (its whole smoke chain takes a minute locally): CI's
-# 90 minutes already hold the full smoke chain once, in test_smoke.
+# time already holds every smoke chain once, in tests/experiments/.
 EXPERIMENT = "neupims"
 
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""The Snakemake workflow: its plan, dry run and lint (the full smoke run is in test_smoke.py)."""
+"""The Snakemake workflow: its plan, dry run and lint (smoke runs: tests/experiments/)."""
 
 from __future__ import annotations
 
