@@ -19,7 +19,6 @@ import pandas as pd
 
 from gemvlab.config import REPO_ROOT
 from gemvlab.manifest import MANIFEST
-from gemvlab.models.kv_codebooks import artifact_dirs
 from gemvlab.workflow import Workflow
 
 # An hour fails a hung run well inside CI's limit; the real models' heaviest plan takes minutes.
@@ -85,14 +84,14 @@ def config_args(cfg: dict[str, str]) -> list[str]:
 
 
 def expected_jobs(wf: Workflow) -> int:
-    """Runs, each distinct KV collection and codebook training, one tables job per experiment,
+    """Runs, artifacts (CommVQ's KV collection and codebooks), one tables job per experiment,
     claims, and a fetch for each model or dataset without a manifest yet (none for the tiny
     stand-ins, which are laid out as the fetch stages write them)."""
     runs = [r for plan in wf.plan.values() for r in plan]
-    artifacts = {folder for r in runs for folder in (artifact_dirs(r.config) or {}).values()}
-    fetches = {path for r in runs for path in wf.run_inputs_of(r, codebooks=False)
-               if path.endswith(f"/{MANIFEST}") and not Path(path).is_file()}
-    return len(runs) + len(artifacts) + len(fetches) + len(wf.experiments) + 1
+    needs = [str(p) for r in runs for p in wf.inputs_of(r, None)]
+    needs += [str(p) for art, r in wf.artifacts.values() for p in wf.inputs_of(r, art.stage)]
+    fetches = {p for p in needs if p.endswith(f"/{MANIFEST}") and not Path(p).is_file()}
+    return len(runs) + len(wf.artifacts) + len(fetches) + len(wf.experiments) + 1
 
 
 def run_smoke(experiment: str, setup: Setup) -> Smoke:
