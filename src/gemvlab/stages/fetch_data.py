@@ -12,7 +12,8 @@ from gemvlab.stage import StageContext, stage
 
 @stage("fetch_data")
 def fetch_data(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
-    from gemvlab.data import data_dir, fetch_dataset
+    from gemvlab.data import data_dir
+    from gemvlab.data.fetch import fetch_dataset
     from gemvlab.manifest import MANIFEST
 
     t0 = time.perf_counter()
