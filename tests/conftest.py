@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,21 @@ PROSE = ("It is a truth universally acknowledged, that a single man in possessio
 
 
 BOOKKEEPING = ("fetch_model", "fetch_data", "tables", "claims")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under `pytest -n`, the experiments' end-to-end tests go to one worker, in order, so the
+    report test finds their runs; every other test goes wherever a worker is free. (The
+    xdist_group mark would say the same, but pytest 9.2 drops it: pytest-xdist issue 1386.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ExperimentsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "experiments" if nodeid.startswith("tests/experiments/") else nodeid
+
+    return ExperimentsTogether(config, log)
 
 
 def run_stage(stage: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:

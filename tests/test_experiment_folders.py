@@ -38,3 +38,19 @@ def test_an_option_defined_twice_stops(tmp_path, monkeypatch):
             register_experiments()
     finally:
         register_experiments.cache_clear()
+
+
+def test_the_folders_are_a_hydra_config_source():
+    """What Hydra's --help, its option lists and its loader ask of the experiment folders."""
+    from hydra.core.object_type import ObjectType
+
+    from gemvlab.experiment_source import ExperimentFolders
+
+    register_experiments()
+    source = ExperimentFolders("gemvlab experiments", "gemvlab-experiments://experiments")
+    assert {"experiment", "method", "hw"} <= set(source.list("", ObjectType.GROUP))
+    assert source.list("experiment", ObjectType.CONFIG) == sorted(experiment_ids())
+    assert source.is_group("method") and not source.is_group("nope")
+    assert source.is_config("experiment/glvq.yaml") and not source.is_config("experiment/x")
+    loaded = source.load_config("experiment/glvq.yaml")
+    assert loaded.header["package"] == "_global_" and loaded.config.experiment.id == "glvq"

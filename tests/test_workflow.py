@@ -5,10 +5,23 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-from gemvlab.config import REPO_ROOT, compose, experiment_ids, plan_experiment, run_id, to_plain
+import pytest
+
+from gemvlab.config import (
+    REPO_ROOT,
+    compose,
+    experiment_ids,
+    plan_experiment,
+    run_id,
+    scale_names,
+    to_plain,
+)
+from gemvlab.manifest import MANIFEST
+from gemvlab.registry import runner_for
 from gemvlab.workflow import Workflow
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -19,20 +32,33 @@ def snakemake(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_every_experiment_and_group_option_composes():
+@pytest.mark.parametrize("scale", sorted(scale_names()))
+def test_every_experiment_plans_at_every_scale(scale: str):
+    """Every run composes, has a run_id of its own and a runner that serves it."""
     for exp in experiment_ids():
-        assert plan_experiment(exp)
-    for group in ("model", "data", "eval", "scale", "logger", "method", "analysis", "bench", "hw",
-                  "sim"):
-        for option in sorted([*(REPO_ROOT / "conf" / group).glob("*.yaml"),
-                              *(REPO_ROOT / "experiments").glob(f"*/conf/{group}/*.yaml")]):
-            extra = ["model.path=/x"] if option.stem == "local" else []
-            if group in ("method", "analysis", "bench"):  # groups an experiment brings in
-                extra.append("experiment=llm_int8")
-            if group in ("hw", "sim"):
-                extra.append("experiment=neupims")
-            cfg = to_plain(compose([f"{group}={option.stem}", *extra]))
-            assert cfg[group]
+        runs = plan_experiment(exp, [f"scale={scale}"])
+        assert runs and len({r.run_id for r in runs}) == len(runs), exp
+        for run in runs:
+            assert runner_for(run.stage, run.config).stage == run.stage
+
+
+def test_every_group_option_composes():
+    """Every option of every group: those in conf/ with an experiment whose defaults pull the
+    group in (or alone), those an experiment folder brings with that experiment."""
+    base = set(to_plain(compose([])))
+    keys = {exp: set(to_plain(compose([f"experiment={exp}"]))) for exp in experiment_ids()}
+
+    def brought_by(group: str) -> list[str]:  # conf/ groups an experiment's defaults pull in
+        return [] if group in base else [next(f"experiment={e}" for e in keys if group in keys[e])]
+
+    options = [(brought_by(p.parent.name), p) for p in (REPO_ROOT / "conf").glob("*/*.yaml")]
+    options += [([f"experiment={p.parents[2].name}"], p)
+                for p in (REPO_ROOT / "experiments").glob("*/conf/*/*.yaml")]
+    for extra, option in sorted(options, key=lambda o: str(o[1])):
+        group = option.parent.name
+        if option.stem == "local":
+            extra = [*extra, "model.path=/x"]
+        assert to_plain(compose([f"{group}={option.stem}", *extra]))[group], option
 
 
 def test_run_ids_follow_the_config_not_the_bookkeeping():
@@ -60,24 +86,25 @@ def test_workflow_routes_results_by_scale():
 
 
 def test_dry_run_shows_the_whole_chain(tmp_path: Path):
-    proc = snakemake("-n", "--config", f"resources={tmp_path}/res", f"results={tmp_path}/out",
-                     "scale=smoke")
+    """Every planned run, artifact (CommVQ's KV collection and codebooks) and fetch, one tables
+    job per experiment, claims and the report: Snakemake's DAG is the Workflow's plan."""
+    cfg = {"resources": f"{tmp_path}/res", "results": f"{tmp_path}/out", "scale": "smoke"}
+    proc = snakemake("-n", "--config", *(f"{k}={v}" for k, v in cfg.items()))
     assert proc.returncode == 0, proc.stderr
     stats = proc.stdout[proc.stdout.index("Job stats"):]
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", stats, flags=re.M))
-    # llm_int8: 18 quantize runs and the CPU benchmark; its GPU benchmark is left out on a
-    # machine without CUDA when no record of it exists. glvq at smoke: RTN, GPTQ, GLVQ once.
-    # oftv2 at smoke: LoRA, OFTv2 and QOFT, two steps each. keyformer: one kv_eval run per
-    # task (summarization, CoQA, perplexity, attention mass, kvpress peer) and the CPU decode
-    # benchmark; its GPU benchmark is left out like llm_int8's. commvq: KV collected and
-    # codebooks trained once, one kvq_eval run per task (quality, passkey, MSE), its CPU
-    # decode benchmark. neupims: four simulations (throughput, an ablation, the GPU model's
-    # calibration on the committed H200 timings, the simulator's speed); its GPU benchmark has a
-    # record at scale cpu only.
-    assert counts == {"fetch_model": "2", "fetch_data": "2", "evaluate": "3", "quantize": "21",
-                      "finetune": "3", "kv_eval": "5", "kv_collect": "1", "kv_train": "1",
-                      "kvq_eval": "3", "simulate": "4", "bench": "3", "tables": "7",
-                      "claims": "1", "report": "1", "all": "1", "total": "58"}
+    counts = {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", stats, flags=re.M)}
+
+    wf = Workflow.from_config(cfg)
+    assert set(wf.plan) == set(experiment_ids()) and all(wf.plan.values())
+    runs = [r for plan in wf.plan.values() for r in plan]
+    needs = {p for r in runs for p in wf.inputs_of(r, None)}
+    needs |= {p for art, r in wf.artifacts.values() for p in wf.inputs_of(r, art.stage)}
+    expected = Counter(r.stage for r in runs) + Counter(a.stage for a, _ in wf.artifacts.values())
+    for kind, stage in (("models", "fetch_model"), ("data", "fetch_data")):
+        expected[stage] = len({p for p in needs if Path(p).parent.parent.name == kind
+                               and Path(p).name == MANIFEST})
+    expected.update(tables=len(wf.experiments), claims=1, report=1, all=1)
+    assert counts == {**expected, "total": sum(expected.values())}
 
 
 def test_lint_passes():

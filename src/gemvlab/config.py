@@ -43,32 +43,10 @@ def conf_dir() -> Path:
 
 @cache
 def register_experiments() -> None:
-    """Offer each experiments/<id>/ to Hydra, so adding a paper edits no shared file.
+    """Offer each experiments/<id>/ to Hydra (gemvlab.experiment_source), once per process."""
+    from gemvlab.experiment_source import register
 
-    experiments/<id>/experiment.yaml becomes option <id> of group experiment, and
-    experiments/<id>/conf/<group>/<name>.yaml option <name> of <group>, each with the package
-    its header names, as Hydra would read it from conf/. Both the compose API and @hydra.main
-    see them through Hydra's ConfigStore.
-    """
-    from hydra.core.config_store import ConfigStore
-    from hydra.plugins.config_source import ConfigSource
-
-    owners: dict[str, Path] = {}
-    files = [(f"experiment/{exp}", EXPERIMENTS_DIR / exp / "experiment.yaml")
-             for exp in experiment_ids()]
-    files += [(f"{p.parent.name}/{p.stem}", p)
-              for p in sorted(EXPERIMENTS_DIR.glob("*/conf/*/*.yaml"))]
-    for option, path in files:
-        other = owners.get(option, conf_dir() / f"{option}.yaml")
-        if other.is_file():
-            raise GemvlabError(f"config {option} is defined twice, in {path} and {other}: "
-                               "rename one")
-        owners[option] = path
-        group, name = option.split("/")
-        text = path.read_text(encoding="utf-8")
-        ConfigStore.instance().store(group=group, name=name, node=OmegaConf.create(text),
-                                     package=ConfigSource._get_header_dict(text)["package"],
-                                     provider=str(path.parent.relative_to(REPO_ROOT)))
+    register(EXPERIMENTS_DIR, conf_dir())
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:

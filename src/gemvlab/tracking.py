@@ -9,11 +9,12 @@ import struct
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from gemvlab.errors import GemvlabError
+
+if TYPE_CHECKING:  # pandas costs half a second at every stage's start; only tables pass it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Every test runs once on tiny stand-ins of the packaged models (the default suite) and once on
 the real packaged models (`pytest -m slow`, fetched into the repository's resources/). Each
-kind has one results folder per session, so the report test reuses the experiments' runs.
+kind has one results folder per session, so the report test reuses the experiments' runs: under
+pytest-xdist they all run on one worker, in order (tests/conftest.py), the rest on the others.
 """
 
 from __future__ import annotations
@@ -29,3 +30,4 @@ def real_setup(tmp_path_factory) -> Setup:
 @pytest.fixture(params=["tiny", pytest.param("real", marks=pytest.mark.slow)])
 def setup(request) -> Setup:
     return request.getfixturevalue(f"{request.param}_setup")
+

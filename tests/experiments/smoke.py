@@ -75,8 +75,11 @@ def snakemake(*args: str) -> subprocess.CompletedProcess:
 
 
 def config(experiments: str, setup: Setup) -> dict[str, str]:
-    return {"scale": "smoke", "experiments": experiments, "results": str(setup.results),
-            "resources": str(setup.resources)}
+    """Smoke scale; on the tiny stand-ins without wandb, whose start (2 s) would be a fifth of
+    each job (tests/test_tracking.py covers it; the real-model runs keep it)."""
+    cfg = {"scale": "smoke", "experiments": experiments, "results": str(setup.results),
+           "resources": str(setup.resources)}
+    return cfg if setup.real else {**cfg, "overrides": "logger=none"}
 
 
 def config_args(cfg: dict[str, str]) -> list[str]:

