@@ -154,3 +154,12 @@ def test_run_resources_follow_the_config():
     assert cpu.run_gpus(wildcards(cpu, "llm_int8", "bench", device="cuda")) == 1
     assert cpu.run_gpus(wildcards(cpu, "llm_int8", "bench", device="cpu")) == 0
     assert cpu.run_runtime(quantize) > 0
+
+
+def test_fetch_params_do_not_depend_on_the_planned_experiments():
+    """glvq takes the default model, llm_int8 names it: the same fetch either way, or Snakemake
+    refetches the model (params changed) each time the other experiment is run."""
+    model = SimpleNamespace(model="smollm2-135m")
+    args = {exp: Workflow.from_config({"scale": "smoke", "experiments": exp}).model_args(model)
+            for exp in ("glvq", "llm_int8")}
+    assert args["glvq"] == args["llm_int8"] == "model=smollm2-135m"

@@ -263,10 +263,15 @@ class Workflow:
         return f"{self.results}/runs/{wildcards.experiment}/{wildcards.run_id}"
 
     def model_args(self, wildcards: Any) -> str:
-        """The model overrides of a run that uses this model (packaged, hub, local, random)."""
+        """The model overrides of a run that uses this model (packaged, hub, local, random),
+        with the model option named even where the run takes the default: the fetch rule's
+        params must not depend on which experiments are planned, or Snakemake refetches."""
         for run in self.runs.values():
             if run.config["model"]["name"] == wildcards.model:
-                return _quote([o for o in run.overrides if o.startswith(("model=", "model."))])
+                args = [o for o in run.overrides if o.startswith(("model=", "model."))]
+                if not any(o.startswith("model=") for o in args):
+                    args.insert(0, f"model={wildcards.model}")
+                return _quote(args)
         raise KeyError(f"no planned run uses model {wildcards.model}")
 
     def run_metrics(self, wildcards: Any) -> list[str]:
