@@ -5,7 +5,7 @@
 package its header names, as if it lay in conf/. A config source of its own (scheme
 ``gemvlab-experiments``, put on every search path by a search-path plugin) reads the files when
 Hydra asks; Hydra's ConfigStore would do the same but is deep-copied on every compose, which
-made each compose twice as slow.
+made planning 1.6 times as slow.
 """
 
 from __future__ import annotations
@@ -45,9 +45,6 @@ class ExperimentFolders(ConfigSource):
 
     # Set by gemvlab.config.register_experiments before any compose.
     options: dict[str, Path] = {}
-
-    def __init__(self, provider: str, path: str) -> None:
-        super().__init__(provider=provider, path=path)
 
     @staticmethod
     def scheme() -> str:
