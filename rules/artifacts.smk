@@ -19,8 +19,6 @@ for _stage in W.artifact_stages:
             py=W.python,
             stage=_stage,
             run=W.artifact_args,
-        conda:
-            "../environment.yml"
         threads: W.artifact_threads
         resources:
             mem_mb=W.artifact_mem_mb,

@@ -11,8 +11,6 @@ rule fetch_model:
         model=W.model_args,
         common=W.fetch_args,
         folder=lambda w: f"{W.resources}/models/{w.model}",
-    conda:
-        "../environment.yml"
     threads: 1
     resources:
         mem_mb=6000,
@@ -31,8 +29,6 @@ rule fetch_data:
         py=W.python,
         common=W.fetch_args,
         folder=lambda w: f"{W.resources}/data/{w.dataset}",
-    conda:
-        "../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -22,8 +22,6 @@ rule tables:
         record=lambda w: f"{W.results}/reports/tables-{w.experiment}",
     # Seconds of work: on a cluster, not worth a job's queueing and status polling.
     localrule: True
-    conda:
-        "../environment.yml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -53,8 +51,6 @@ rule claims:
         experiments=",".join(W.experiments),
         record=f"{W.results}/reports/claims",
     localrule: True
-    conda:
-        "../environment.yml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -76,8 +72,6 @@ rule report:
         py=W.python,
         config=W.report_args,
     localrule: True
-    conda:
-        "../environment.yml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -20,8 +20,6 @@ for _stage in W.stages:
             stage=_stage,
             run=W.run_args,
             run_dir=W.run_dir,
-        conda:
-            "../environment.yml"
         threads: W.run_threads
         resources:
             mem_mb=W.run_mem_mb,

@@ -5,7 +5,9 @@
 # shadows the venv's transformers. Everything goes in with --no-deps; the folder holds only what
 # the venv does not satisfy: kvpress, transformers 5.2.0 with the huggingface-hub (<2) and
 # tokenizers (<=0.23.0) it pins, and the small packages kvpress imports at load time that the
-# venv lacks (cachetools<6, fire<0.7 and its termcolor). torch, numpy, safetensors, accelerate,
+# venv lacks (cachetools<6, fire<0.7 and its termcolor), and kernels 0.10 (transformers 5.2
+# builds its hub-kernel table at import with the kernels API of <0.11, which a newer kernels in
+# the venv rejects: "Either a revision or a version must be specified"). torch, numpy, safetensors, accelerate,
 # datasets and the rest come from the venv. pandas<3 and peft>=0.20 (kvpress pins) are not
 # imported by the presses used here. The wheels are kept in .whl/, downloaded (fire: built from
 # its sdist) the first time (offline: put them there by hand). scripts/setup.sh calls this.
@@ -16,7 +18,7 @@ TARGET=${1:-.whl/kvpress}
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3; fi
 SPECS=(kvpress==0.5.5 transformers==5.2.0 huggingface-hub==1.33.0 tokenizers==0.22.2
-       cachetools==5.5.2 fire==0.6.0 termcolor==3.3.0)
+       cachetools==5.5.2 fire==0.6.0 termcolor==3.3.0 kernels==0.10.5)
 STAMP=$TARGET/.from-kvpress-0.5.5
 [ -f "$TARGET/kvpress/__init__.py" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "${SPECS[*]}" ] && exit 0
 PIP=("$PY" -m pip --disable-pip-version-check -q)

@@ -1,4 +1,4 @@
-"""pyproject.toml and environment.yml must list the same requirements."""
+"""requirements.lock must satisfy pyproject.toml, and environment.yml must give the lock's Python."""
 
 from __future__ import annotations
 
@@ -6,30 +6,50 @@ import re
 import tomllib
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from gemvlab.config import REPO_ROOT
 
-
-def _pyproject() -> tuple[set[str], set[str]]:
-    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    project = data["project"]
-    deps = set(project["dependencies"]) | set(project["optional-dependencies"]["dev"])
-    return deps, set(data["tool"]["gemvlab"]["no-deps"])
+LOCK = REPO_ROOT / "requirements.lock"
 
 
-def test_environment_yml_lists_the_pyproject_dependencies():
-    text = (REPO_ROOT / "environment.yml").read_text()
-    env = yaml.safe_load(text)
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    no_deps = set(re.findall(r"^#\s+(\S+==\S+)\s*$", text, flags=re.M))
-    deps, pyproject_no_deps = _pyproject()
-    assert set(pip) == deps
-    assert no_deps == pyproject_no_deps
+def _pyproject_requirements() -> list[Requirement]:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(d) for d in
+            project["dependencies"] + project["optional-dependencies"]["dev"]]
+
+
+def _locked() -> dict[str, str]:
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", LOCK.read_text(), flags=re.M)
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+def test_the_lock_pins_every_dependency_within_its_pyproject_range():
+    locked = _locked()
+    for req in _pyproject_requirements():
+        name = canonicalize_name(req.name)
+        if name == "torch":  # scripts/setup.sh installs TORCH_SPEC; the lock leaves torch out
+            assert name not in locked
+            continue
+        assert name in locked, f"{req.name} is missing from requirements.lock: bash scripts/lock.sh"
+        assert req.specifier.contains(locked[name], prereleases=True), \
+            f"requirements.lock has {req.name}=={locked[name]}, outside {req}: bash scripts/lock.sh"
+
+
+def test_every_locked_package_carries_a_hash():
+    blocks = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", LOCK.read_text().split("\n# WARNING")[0])
+    pins = [b for b in blocks if re.match(r"[A-Za-z0-9_.-]+==", b)]
+    assert len(pins) == len(_locked()) > 100
+    assert all("--hash=sha256:" in b for b in pins)
+
+
+def test_environment_yml_gives_the_python_the_lock_was_made_with():
+    lock_python = re.search(r"pip-compile with Python (\d+\.\d+)", LOCK.read_text()).group(1)
+    deps = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())["dependencies"]
+    assert f"python={lock_python}" in deps
 
 
 def test_torch_range_admits_the_cpu_build_on_disk():
-    from packaging.requirements import Requirement
-
-    deps, _ = _pyproject()
-    torch_req = next(Requirement(d) for d in deps if d.startswith("torch"))
+    torch_req = next(r for r in _pyproject_requirements() if r.name == "torch")
     assert torch_req.specifier.contains("2.13.0")
