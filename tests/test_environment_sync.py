@@ -1,4 +1,4 @@
-"""requirements.lock must satisfy pyproject.toml, and environment.yml must give the lock's Python."""
+"""requirements.lock must satisfy pyproject.toml; environment.yml must give the lock's Python."""
 
 from __future__ import annotations
 
