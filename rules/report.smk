@@ -1,13 +1,15 @@
 # Tables (and their plots) from run records, the claims from the tables, then Snakemake's own
-# HTML report of them all: results/report.html.
+# HTML report of them all: results/report.html (report-<experiments>.html for a partial plan).
 
 
 rule tables:
     input:
         W.run_metrics,
     output:
+        # update(): Snakemake keeps the committed folder while the job runs and puts it back if
+        # the job fails, instead of deleting it (the stage itself swaps files in only at the end).
         report(
-            directory(f"{W.results}/tables/{{experiment}}"),
+            update(directory(f"{W.results}/tables/{{experiment}}")),
             patterns=["{plot}.png"],
             category="{experiment}",
             caption="../docs/report/plot.rst",
@@ -34,7 +36,7 @@ rule tables:
 rule claims:
     input:
         tables=expand(f"{W.results}/tables/{{experiment}}", experiment=W.experiments),
-        claims=expand("experiments/{experiment}/claims.yaml", experiment=W.experiments),
+        claims=expand("experiments/{experiment}/claims.yaml", experiment=W.all_experiments),
     output:
         md=f"{W.results}/CLAIMS.md",
         html=report(
@@ -48,7 +50,6 @@ rule claims:
     params:
         py=W.python,
         common=W.common_args,
-        experiments=",".join(W.experiments),
         record=f"{W.results}/reports/claims",
     localrule: True
     threads: 1
@@ -56,8 +57,10 @@ rule claims:
         mem_mb=1000,
         runtime=5,
     shell:
+        # Every experiment's claims, from the tables present: a plan of some experiments
+        # rewrites their sections and keeps the others'.
         "{params.py} -m gemvlab.stages.claims {params.common} "
-        "'report.experiments=[{params.experiments}]' hydra.run.dir={params.record} > {log} 2>&1"
+        "hydra.run.dir={params.record} > {log} 2>&1"
 
 
 rule report:
@@ -65,7 +68,7 @@ rule report:
         tables=expand(f"{W.results}/tables/{{experiment}}", experiment=W.experiments),
         claims=f"{W.results}/CLAIMS.html",
     output:
-        f"{W.results}/report.html",
+        W.report_file,
     log:
         f"{W.results}/reports/report.log",
     params:

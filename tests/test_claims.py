@@ -18,6 +18,7 @@ from gemvlab.errors import GemvlabError
 from gemvlab.results.claims import (
     NOT_REPRODUCED,
     NOT_TESTABLE,
+    RECORD_MISSING,
     REPRODUCED,
     STATUSES,
     check_claim,
@@ -179,16 +180,17 @@ def test_min_rows(tmp_path: Path, tables):
     rows_per_model = len(LMEVAL["smollm2-135m"])
     experiment, claim = one_claim(tmp_path, group_by=["model"], min_rows=rows_per_model + 1)
     res = check_claim(experiment, claim, tables, "cpu")
-    assert res.status == NOT_REPRODUCED
+    assert res.status == RECORD_MISSING
     assert res.detail.startswith("no data")
     _, claim = one_claim(tmp_path, group_by=["model"], min_rows=rows_per_model, check=f"> {LOW}")
     assert check_claim(experiment, claim, tables, "cpu").status == status_for(z_scores(), LOW)
 
 
-def test_where_selecting_nothing_is_not_reproduced(tmp_path: Path, tables):
+def test_where_selecting_nothing_is_a_missing_record(tmp_path: Path, tables):
+    """No rows means nothing was measured (the runs left the plan), never a failed claim."""
     experiment, claim = one_claim(tmp_path, where="task == 'hellaswag'")
     res = check_claim(experiment, claim, tables, "cpu")
-    assert res.status == NOT_REPRODUCED
+    assert res.status == RECORD_MISSING
 
 
 def test_not_testable_below_the_claims_scale(tmp_path: Path, tables):
@@ -201,10 +203,10 @@ def test_not_testable_below_the_claims_scale(tmp_path: Path, tables):
     assert check_claim(experiment, claim, tables, "paper").status == status_for(z_scores(), LOW)
 
 
-def test_missing_or_empty_table_is_not_reproduced(tmp_path: Path, tables):
+def test_missing_or_empty_table_is_a_missing_record(tmp_path: Path, tables):
     experiment, claim = one_claim(tmp_path, table="speed")
     res = check_claim(experiment, claim, tables, "cpu")
-    assert res.status == NOT_REPRODUCED and "speed" in res.detail and "missing" in res.detail
+    assert res.status == RECORD_MISSING and "speed" in res.detail and "missing" in res.detail
     empty = {"lm_eval": tables["lm_eval"].iloc[0:0]}
     _, claim = one_claim(tmp_path)
     assert check_claim(experiment, claim, empty, "cpu").detail == "table lm_eval has no rows"

@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -124,6 +124,28 @@ class PlannedRun:
     run_id: str
     overrides: tuple[str, ...]
     config: dict
+    # Global overrides left out because the run does not read the key they set.
+    unread: tuple[str, ...] = ()
+
+
+# What a run reads, by its stage and resolved config: top-level keys, or None for all.
+ReadKeys = Callable[[str, dict], "set[str] | None"]
+
+
+def override_root(override: str) -> str:
+    """The top-level config key an override sets: ``eval`` for ``eval.lm_eval.limit=5``,
+    ``model`` for ``model=gemma3-270m``, the package for ``group@package=option``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_override(override)
+    return re.split(r"[./]", parsed.package or parsed.key_or_group)[0]
+
+
+def unread_overrides(overrides: Sequence[str], keys: set[str] | None) -> tuple[str, ...]:
+    """The overrides that set a key outside ``keys`` (none when ``keys`` is None: reads all)."""
+    if keys is None:
+        return ()
+    return tuple(o for o in overrides if override_root(o) not in keys)
 
 
 def expand_grid(grid: Mapping[str, Sequence]) -> list[tuple[str, ...]]:
@@ -133,22 +155,35 @@ def expand_grid(grid: Mapping[str, Sequence]) -> list[tuple[str, ...]]:
             for combo in itertools.product(*values)]
 
 
-def plan_experiment(experiment: str, extra: Sequence[str] = ()) -> list[PlannedRun]:
-    """Every run an experiment declares, resolved: the DAG's leaves and the tables' rows."""
-    base = compose([f"experiment={experiment}", *extra])
+def plan_experiment(experiment: str, extra: Sequence[str] = (), user: Sequence[str] = (),
+                    reads: ReadKeys | None = None) -> list[PlannedRun]:
+    """Every run an experiment declares, resolved: the DAG's leaves and the tables' rows.
+    ``extra`` reaches every run; ``user`` (global overrides) only the runs that ``reads`` says
+    read the key each sets, so an override of ``eval`` leaves a simulation's run_id alone (and
+    one of a key the experiment does not have, such as ``hw`` for an evaluation, no run)."""
+    keys = set(to_plain(compose([f"experiment={experiment}", *extra])))
+    absent = unread_overrides(user, keys)
+    user = [o for o in user if o not in absent]
+    base = compose([f"experiment={experiment}", *extra, *user])
     # Resolved, so a grid may take its values from the config (a model list by scale).
     grids = OmegaConf.to_container(base.experiment.runs, resolve=True)
     runs: list[PlannedRun] = []
     seen: set[str] = set()
     for grid in grids:
         for combo in expand_grid(grid):
-            overrides = (f"experiment={experiment}", *combo, *extra)
+            overrides = (f"experiment={experiment}", *combo, *extra, *user)
             plain = to_plain(compose(overrides))
-            rid = run_id(plain, plain["experiment"]["stage"])
+            stage = plain["experiment"]["stage"]
+            unread = unread_overrides(user, reads(stage, plain)) if user and reads else ()
+            if unread:
+                kept = [o for o in user if o not in unread]
+                overrides = (f"experiment={experiment}", *combo, *extra, *kept)
+                plain = to_plain(compose(overrides))
+            rid = run_id(plain, stage)
             if rid in seen:
                 continue
             seen.add(rid)
-            runs.append(PlannedRun(experiment, plain["experiment"]["stage"], rid, overrides, plain))
+            runs.append(PlannedRun(experiment, stage, rid, overrides, plain, absent + unread))
     return runs
 
 

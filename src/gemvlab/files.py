@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,3 +64,24 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, data: object) -> None:
     """Indented, sorted keys, a final newline: equal data gives equal bytes."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """A fresh folder beside ``folder`` for the block to fill; when the block succeeds, its
+    files replace ``folder``'s (each by a rename; files it did not make are removed), and when
+    it fails, ``folder`` is left exactly as it was. For outputs made of several files
+    (a table folder) that a failed or killed rebuild must never leave half-written."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        yield staging
+        folder.mkdir(exist_ok=True)
+        made = {p.name for p in staging.iterdir()}
+        for path in staging.iterdir():
+            os.replace(path, folder / path.name)
+        for path in folder.iterdir():
+            if path.name not in made and path.is_file():
+                path.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

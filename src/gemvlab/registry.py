@@ -18,6 +18,10 @@ from gemvlab.errors import GemvlabError
 
 Plain = Mapping[str, Any]
 
+# Top-level config keys every run reads (its scale, seed and where it writes), whatever it runs.
+ALWAYS_READ = ("experiment", "scale", "seed", "threads", "paths", "logger", "hub_online",
+               "report", "hydra")
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -58,7 +62,10 @@ class Runner:
     ``uses_model``: the run loads ``model`` and reads ``eval.datasets``, so the Workflow makes
     them first (and plans a hub model only online). ``inputs``: other files it reads;
     ``artifacts``: resources a stage of their own makes first; ``needs_gpu``: whether it runs on
-    a CUDA GPU (default: where the scale puts models).
+    a CUDA GPU (default: where the scale puts models). ``reads``: the top-level config keys the
+    run reads besides :data:`ALWAYS_READ` (None: all of them); a global override of any other
+    key does not reach its runs, and the run body sees only these keys, so a key read without
+    being declared fails at once instead of leaving a record that an override never changed.
     """
 
     stage: str
@@ -69,6 +76,12 @@ class Runner:
     inputs: Callable[[Plain], list[str]] = _nothing
     artifacts: Callable[[Plain], list[Artifact]] = _nothing
     needs_gpu: Callable[[Plain], bool] = _scale_device_is_cuda
+    reads: tuple[str, ...] | None = None
+
+    @property
+    def keys_read(self) -> set[str] | None:
+        """The top-level config keys this runner's runs read (None: every key)."""
+        return None if self.reads is None else set(ALWAYS_READ) | set(self.reads)
 
 
 _RUNNERS: dict[tuple[str, str], Runner] = {}

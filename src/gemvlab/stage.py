@@ -124,12 +124,28 @@ def execute(name: str, body: StageFn, cfg: DictConfig, run_dir: Path) -> dict[st
     return metrics
 
 
+def only_keys(plain: Mapping, keys: set[str] | None) -> dict:
+    """The resolved config cut to the top-level ``keys`` (None: all of it)."""
+    return dict(plain) if keys is None else {k: v for k, v in plain.items() if k in keys}
+
+
 def dispatch(name: str) -> StageFn:
-    """The body of a run stage: the registered runner its resolved config selects."""
+    """The body of a run stage: the registered runner its resolved config selects, given only
+    the keys it declares it reads (a read of any other key fails: see Runner.reads)."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
     from gemvlab.registry import runner_for
 
     def body(cfg: DictConfig, ctx: StageContext) -> Mapping[str, float]:
-        return runner_for(name, ctx.config).run(cfg, ctx)
+        chosen = runner_for(name, ctx.config)
+        if chosen.keys_read is None:
+            return chosen.run(cfg, ctx)
+        seen = only_keys(ctx.config, chosen.keys_read)
+        cut = OmegaConf.create(seen)
+        OmegaConf.set_struct(cut, True)
+        return chosen.run(cut, replace(ctx, config=seen))
 
     return body
 

@@ -12,11 +12,18 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from snakemake.io import ancient
 
-from gemvlab.config import CONF_DIR, PlannedRun, experiment_ids, plan_experiment
+from gemvlab.config import (
+    CONF_DIR,
+    PlannedRun,
+    experiment_ids,
+    override_root,
+    plan_experiment,
+)
 from gemvlab.errors import GemvlabError
 from gemvlab.registry import Artifact, Runner, runner_for
 
@@ -60,6 +67,11 @@ def runner_of(run: PlannedRun) -> Runner:
     return runner_for(run.stage, run.config)
 
 
+def keys_read(stage: str, plain: dict) -> set[str] | None:
+    """The top-level config keys a run of ``stage`` reads, as its runner declares."""
+    return runner_for(stage, plain).keys_read
+
+
 def needs_gpu(run: PlannedRun) -> bool:
     """Whether a run needs a CUDA GPU, as its runner declares."""
     return runner_of(run).needs_gpu(run.config)
@@ -97,15 +109,47 @@ class Workflow:
         results = str(config.get("results") or ("results" if scale == "cpu"
                                                  else f"results/{scale}"))
         resources = str(config.get("resources", "resources"))
-        extra = shlex.split(str(config.get("overrides", "")))
-        common = [f"scale={scale}", f"paths.results={results}", f"paths.resources={resources}",
-                  *extra]
+        user = shlex.split(str(config.get("overrides", "")))
+        fixed = [f"scale={scale}", f"paths.results={results}", f"paths.resources={resources}"]
         experiments = [e for e in str(config.get("experiments", "")).split(",") if e]
-        wf = cls(scale, results, resources, common, experiments or experiment_ids(),
+        wf = cls(scale, results, resources, [*fixed, *user], experiments or experiment_ids(),
                  config_args=[f"{k}={v}" for k, v in config.items()])
-        wf.plan = {exp: [run for run in plan_experiment(exp, common) if wf.can_run(run)]
+        wf.plan = {exp: [run for run in plan_experiment(exp, fixed, user, keys_read)
+                         if wf.can_run(run)]
                    for exp in wf.experiments}
+        wf.check_overrides_reach(user)
+        for line in wf.notes():
+            print(f"gemvlab: {line}", file=sys.stderr)
         return wf
+
+    def check_overrides_reach(self, user: list[str]) -> None:
+        """A global override must set a key that some planned run has: one that none has is a
+        typo, not an override that happens to reach no run."""
+        roots = {k for plan in self.plan.values() for run in plan for k in run.config}
+        for override in user:
+            if override_root(override) not in roots:
+                raise GemvlabError(f"--config overrides: {override} sets "
+                                   f"'{override_root(override)}', a key no planned run has: "
+                                   f"check its spelling (keys: {', '.join(sorted(roots))})")
+
+    def notes(self) -> list[str]:
+        """What the plan leaves out that a user would otherwise not see: global overrides that
+        some runs do not read (one line per experiment), and records on disk that no planned
+        run names any more (one line each: their rows leave the tables, their claims say
+        "record missing")."""
+        lines = []
+        for exp, plan in self.plan.items():
+            skipped = sorted({o for run in plan for o in run.unread})
+            if skipped:
+                n = sum(1 for run in plan if run.unread)
+                lines.append(f"{exp}: {n} of its {len(plan)} runs do not read what "
+                             f"{' '.join(skipped)} sets; they keep their configs and run_ids")
+            planned = {run.run_id for run in plan}
+            for record in sorted(Path(self.results, "runs", exp).glob("*/metrics.json")):
+                if record.parent.name not in planned:
+                    lines.append(f"{record.parent} is not in this plan (no planned run has its "
+                                 "config): its rows leave the tables of this run")
+        return lines
 
     def can_run(self, run: PlannedRun) -> bool:
         """Plan a run only where it can run, or when its record exists already.
@@ -134,7 +178,19 @@ class Workflow:
         runs = [f"{self.results}/runs/{exp}/{r.run_id}/metrics.json"
                 for exp, plan in self.plan.items() for r in plan]
         tables = [f"{self.results}/tables/{exp}" for exp in self.experiments]
-        return [*runs, *tables, f"{self.results}/CLAIMS.md", f"{self.results}/report.html"]
+        return [*runs, *tables, f"{self.results}/CLAIMS.md", self.report_file]
+
+    @property
+    def all_experiments(self) -> list[str]:
+        return experiment_ids()
+
+    @property
+    def report_file(self) -> str:
+        """Snakemake's report of the planned experiments: report.html for all of them, else a
+        name that says which, so a partial plan never replaces the whole project's report."""
+        if sorted(self.experiments) == self.all_experiments:
+            return f"{self.results}/report.html"
+        return f"{self.results}/report-{'-'.join(self.experiments)}.html"
 
     @property
     def runs(self) -> dict[tuple[str, str], PlannedRun]:

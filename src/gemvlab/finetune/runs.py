@@ -218,7 +218,7 @@ def step_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 @runner("bench", "finetune", applies=bench_kind("finetune"), uses_model=False,
-        needs_gpu=bench_on_cuda)
+        needs_gpu=bench_on_cuda, reads=("bench",))
 def step_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """One training step per (model, impl), each in its own process; see ``step_bench``."""
     from gemvlab.config import REPO_ROOT

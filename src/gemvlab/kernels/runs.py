@@ -38,7 +38,8 @@ def peak_gbps(device_name: str, table: dict) -> float | None:
     return next((float(v) for k, v in table.items() if k in device_name), None)
 
 
-@runner("bench", "int8", applies=bench_kind("int8"), uses_model=False, needs_gpu=bench_on_cuda)
+@runner("bench", "int8", applies=bench_kind("int8"), uses_model=False, needs_gpu=bench_on_cuda,
+        reads=("bench",))
 def int8_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Linear-layer speed of the int8 implementations against a dense layer."""
     from gemvlab.kernels.linear_bench import benchmark_linears
@@ -93,7 +94,7 @@ def _speed_metrics(rows: list[dict[str, Any]], peaks: dict) -> dict[str, float]:
 
 
 @runner("bench", "lattice", applies=bench_kind("lattice"), uses_model=False,
-        needs_gpu=bench_on_cuda)
+        needs_gpu=bench_on_cuda, reads=("bench",))
 def lattice_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Decode GEMV per layer shape and tokens/s of the whole model, RTN vs GLVQ at equal bits."""
     from gemvlab.kernels.decode_bench import benchmark_decode, benchmark_model_decode
@@ -125,7 +126,7 @@ def lattice_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
 
 
 @runner("bench", "decode_ops", applies=bench_kind("decode_ops"), uses_model=False,
-        needs_gpu=bench_on_cuda)
+        needs_gpu=bench_on_cuda, reads=("bench",))
 def decode_ops_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """GEMMs of a decode step's linear layers by batch and decode attention by context and
     batch, at ``bench.shape``; see ``kernels.decode_ops_bench``."""

@@ -28,7 +28,9 @@ SCALES = ("smoke", "cpu", "gpu", "paper")
 REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced"
 NOT_TESTABLE = "not testable at this scale"
-STATUSES = (REPRODUCED, NOT_REPRODUCED, NOT_TESTABLE)
+# No rows to check: the runs were not made, or their records left the plan; never a failure.
+RECORD_MISSING = "record missing"
+STATUSES = (REPRODUCED, NOT_REPRODUCED, RECORD_MISSING, NOT_TESTABLE)
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -186,7 +188,8 @@ def _claim_from_entry(path: Path, number: int, entry: Any) -> Claim:
 def check_claim(
     experiment: str, claim: Claim, tables: Mapping[str, pd.DataFrame], run_scale: str
 ) -> ClaimResult:
-    """Check one claim. Missing data gives "not reproduced"; a broken expression raises."""
+    """Check one claim. Missing rows give "record missing" (nothing was measured, so nothing
+    failed); a broken expression raises."""
     if run_scale not in SCALES:
         raise GemvlabError(f"unknown run scale {run_scale!r} (one of {SCALES})")
 
@@ -198,19 +201,19 @@ def check_claim(
         return result(NOT_TESTABLE, reason)
     table = tables.get(claim.table)
     if table is None:
-        return result(NOT_REPRODUCED, f"table {claim.table} is missing")
+        return result(RECORD_MISSING, f"table {claim.table} is missing")
     if table.empty:
-        return result(NOT_REPRODUCED, f"table {claim.table} has no rows")
+        return result(RECORD_MISSING, f"table {claim.table} has no rows")
     rows = _select(experiment, claim, table)
     if rows.empty:
-        return result(NOT_REPRODUCED, f"no rows of table {claim.table} match {claim.where!r}")
+        return result(RECORD_MISSING, f"no rows of table {claim.table} match {claim.where!r}")
     groups = _groups(experiment, claim, rows)
     short = [(label, len(frame)) for label, frame in groups if len(frame) < claim.min_rows]
     if short:
         counts = ", ".join(
             f"{label} has {n} rows" if label else f"{n} rows selected" for label, n in short
         )
-        return result(NOT_REPRODUCED, f"no data: {counts}, needs at least {claim.min_rows}")
+        return result(RECORD_MISSING, f"no data: {counts}, needs at least {claim.min_rows}")
     measured = [(label, _measure(experiment, claim, frame)) for label, frame in groups]
     value = "; ".join(
         f"{label}: {_describe(v)}" if label else _describe(v) for label, v in measured

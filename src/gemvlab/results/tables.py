@@ -45,37 +45,52 @@ def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
             for p in sorted(folder.glob("*.csv"))}
 
 
+def rerun_hint(run_dir: Path) -> str:
+    """The one command that remakes a damaged record: Snakemake reruns a run only when its
+    metrics.json is missing, so the damaged file must go first."""
+    return (f"remove it and rerun that run alone: rm {Path(run_dir) / 'metrics.json'} && "
+            "snakemake (with the --config of this run)")
+
+
 def load_record(run_dir: Path) -> Record:
-    """Read a run record; refuse incomplete ones, since metrics.json is written last."""
+    """Read a run record; refuse incomplete or damaged ones (metrics.json is written last),
+    naming the record and the command that remakes it."""
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     config_path = run_dir / "config.yaml"
-    for path in (metrics_path, config_path):
-        if not path.is_file():
-            raise GemvlabError(
-                f"run record {run_dir} is incomplete (no {path.name}): rerun its stage"
-            )
+    hint = rerun_hint(run_dir)
+    if not metrics_path.is_file():
+        raise GemvlabError(f"run record {run_dir} is incomplete (no metrics.json): rerun it "
+                           "with snakemake")
+    if not config_path.is_file():
+        raise GemvlabError(f"run record {run_dir} is damaged (no config.yaml): {hint}")
     try:
         metrics = json.loads(metrics_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise GemvlabError(f"{metrics_path} is not readable JSON ({err}): rerun its stage") from err
+        raise GemvlabError(f"run record {metrics_path} is damaged, not readable JSON ({err}): "
+                           f"{hint}") from err
     try:
         config = yaml.safe_load(config_path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise GemvlabError(f"{config_path} is not readable YAML ({err}): rerun its stage") from err
+        first = str(err).splitlines()[0]
+        raise GemvlabError(f"run record {config_path} is damaged, not readable YAML ({first}): "
+                           f"{hint}") from err
     if not isinstance(config, dict):
-        raise GemvlabError(f"{config_path} is not a mapping: rerun its stage")
-    return Record(run_id=run_dir.name, config=config, metrics=_check_metrics(metrics_path, metrics))
+        raise GemvlabError(f"run record {config_path} is damaged, not a mapping: {hint}")
+    return Record(run_id=run_dir.name, config=config,
+                  metrics=_check_metrics(metrics_path, metrics, hint))
 
 
-def _check_metrics(path: Path, metrics: Any) -> dict[str, float]:
+def _check_metrics(path: Path, metrics: Any, hint: str) -> dict[str, float]:
     """Keep the metrics contract (a flat dict of numbers) so tables never hold odd objects."""
     if not isinstance(metrics, dict):
-        raise GemvlabError(f"{path} must hold a flat JSON object of numbers")
+        raise GemvlabError(f"run record {path} is damaged, not a flat JSON object of numbers: "
+                           f"{hint}")
     checked: dict[str, float] = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise GemvlabError(f"{path}: metric {key!r} is {value!r}, not a number")
+            raise GemvlabError(f"run record {path} is damaged, metric {key!r} is {value!r}, not "
+                               f"a number: {hint}")
         checked[key] = value
     return checked
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gemvlab.config import plan_experiment
 from gemvlab.errors import GemvlabError
+from gemvlab.files import staged_folder
 from gemvlab.stage import StageContext, stage
 
 
@@ -32,14 +33,20 @@ def tables(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         raise GemvlabError(f"experiment {exp} declares no runs: add experiment.runs")
     out_dir = results / "tables" / exp
     metrics: dict[str, float] = {"runs": len(records)}
-    for name, spec in cfg.experiment.tables.items():
-        spec_plain = OmegaConf.to_container(spec, resolve=True)
-        df = build_table(records, spec_plain)
-        write_table(df, out_dir, name, title=spec_plain.get("title"), note=spec_plain.get("note"))
+    built = {}
+    # Built aside and swapped in at the end: a failure leaves the committed tables as they were.
+    with staged_folder(out_dir) as staging:
+        for name, spec in cfg.experiment.tables.items():
+            spec_plain = OmegaConf.to_container(spec, resolve=True)
+            built[name] = build_table(records, spec_plain)
+            write_table(built[name], staging, name, title=spec_plain.get("title"),
+                        note=spec_plain.get("note"))
+            metrics[f"rows_{name}"] = len(built[name])
+        metrics["plots"] = write_plots(OmegaConf.to_container(cfg.experiment, resolve=True),
+                                       staging)
+    for name, df in built.items():
         ctx.tracker.log_table(f"{exp}/{name}", df, [out_dir / f"{name}.csv",
                                                     out_dir / f"{name}.md"])
-        metrics[f"rows_{name}"] = len(df)
-    metrics["plots"] = write_plots(OmegaConf.to_container(cfg.experiment, resolve=True), out_dir)
     return metrics
 
 

@@ -380,7 +380,8 @@ def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-@runner("bench", "kv", applies=bench_kind("kv"), uses_model=False, needs_gpu=bench_on_cuda)
+@runner("bench", "kv", applies=bench_kind("kv"), uses_model=False, needs_gpu=bench_on_cuda,
+        reads=("bench", "method"))
 def kv_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Decode step time, tokens/s and KV bytes per KV policy and budget; see ``speed_bench``."""
     from tqdm.auto import tqdm

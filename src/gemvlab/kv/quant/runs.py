@@ -384,7 +384,8 @@ def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-@runner("bench", "kvq", applies=bench_kind("kvq"), uses_model=False, needs_gpu=bench_on_cuda)
+@runner("bench", "kvq", applies=bench_kind("kvq"), uses_model=False, needs_gpu=bench_on_cuda,
+        reads=("bench", "method"))
 def kvq_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """CommVQ attention over a compressed layer, decode-then-attend against codebook space,
     by context; and each setting's exact bits per cached value at the layer's shape."""
