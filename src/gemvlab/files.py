@@ -1,5 +1,6 @@
-"""Writing and checking files: atomic writes (a reader never sees half a file, a killed job
-never leaves one that looks complete) and sha256 digests (manifests, sidecars, config hashes).
+"""Writing and checking files: atomic writes and download staging (a reader never sees half
+a file, a killed job never leaves one that looks complete, and the next job clears what it
+left) and sha256 digests (manifests, sidecars, config hashes).
 
 Its own module, below results/, manifest and models/, because all of them write and hash
 files and none should import another just for that.
@@ -7,6 +8,7 @@ files and none should import another just for that.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -50,6 +52,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_leftover_temps(path: Path) -> None:
+    """Delete the temp files of ``atomic_path(path)`` that a killed process (no cleanup runs
+    on SIGKILL) left beside ``path``; call it before rebuilding ``path``."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staging_dir(dest: Path, tool: str) -> Iterator[Path]:
+    """A fresh, empty ``dest/.<tool>.partial/`` for a tool that downloads into a folder (apt-get,
+    pip) and may leave half a file when killed: move only what it completed into ``dest``
+    (os.replace, same file system). Removed afterwards; one a killed fetch left is emptied."""
+    stage = dest / f".{tool}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

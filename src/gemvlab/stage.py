@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from gemvlab.config import apply_scale, compose, conf_dir, register_experiments, run_id, to_plain
 from gemvlab.errors import GemvlabError
+from gemvlab.paths import check_config_names
 from gemvlab.results import provenance, records
 from gemvlab.tracking import Tracker
 
@@ -97,6 +98,7 @@ def execute(name: str, body: StageFn, cfg: DictConfig, run_dir: Path) -> dict[st
     cfg = apply_scale(cfg)
     _set_offline(cfg)
     plain = to_plain(cfg)
+    check_config_names(plain)
     rid = run_id(plain, name)
     _check_run_folder(plain, run_dir, rid)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,13 @@ import json
 from pathlib import Path
 
 from gemvlab.errors import GemvlabError
+from gemvlab.paths import safe_child
 
 
 def data_dir(resources: Path, name: str) -> Path:
-    """The one place a dataset's folder is named: everything else asks for it by name."""
-    return Path(resources) / "data" / name
+    """The one place a dataset's folder is named (and its name checked): everything else asks
+    for it by name."""
+    return safe_child(Path(resources) / "data", name, "dataset name")
 
 
 def read_texts(path: Path) -> list[str]:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
 from gemvlab.errors import GemvlabError
+from gemvlab.files import staging_dir
 
 
 def apt_download(package: str, version: str, dest: Path) -> Path:
-    """Fetch a .deb with apt-get download (no root needed, nothing installed)."""
+    """Fetch a .deb with apt-get download (no root needed, nothing installed), in a staging
+    folder, so a killed download never leaves a partial .deb where a later fetch reuses it."""
     dest.mkdir(parents=True, exist_ok=True)
     found = sorted(dest.glob(f"{package}_{version.split(':')[-1]}_*.deb"))
     if found:
@@ -21,14 +24,17 @@ def apt_download(package: str, version: str, dest: Path) -> Path:
         raise GemvlabError(f"apt-get is not available to download Debian package {package}: "
                            f"download {package}_{version}_all.deb yourself and pass "
                            "data.local_file=<path to the .deb>")
-    proc = subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=dest,
-                          capture_output=True, text=True)
-    found = sorted(dest.glob(f"{package}_*.deb"))
-    if proc.returncode != 0 or not found:
-        reason = (proc.stderr.strip().splitlines() or ["no .deb was written"])[-1]
-        raise GemvlabError(f"apt-get download {package}={version} failed ({reason}): run "
-                           "apt-get update, or pass data.local_file=<path to the .deb>")
-    return found[0]
+    with staging_dir(dest, "apt") as stage:
+        proc = subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=stage,
+                              capture_output=True, text=True)
+        found = sorted(stage.glob(f"{package}_*.deb"))
+        if proc.returncode != 0 or not found:
+            reason = (proc.stderr.strip().splitlines() or ["no .deb was written"])[-1]
+            raise GemvlabError(f"apt-get download {package}={version} failed ({reason}): run "
+                               "apt-get update, or pass data.local_file=<path to the .deb>")
+        target = dest / found[0].name
+        os.replace(found[0], target)
+    return target
 
 
 def deb_members(deb: Path, wanted_suffixes: tuple[str, ...]) -> dict[str, bytes]:

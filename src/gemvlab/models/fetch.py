@@ -7,12 +7,15 @@ import importlib.util
 import json
 import logging
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from gemvlab.errors import GemvlabError
+from gemvlab.files import atomic_path, remove_leftover_temps, sha256_file
 from gemvlab.manifest import clear_folder, is_payload, write_manifest
+from gemvlab.paths import safe_child
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,14 @@ PACKAGED = ("smollm2-135m", "gemma3-270m")
 
 
 def model_dir(resources: Path, name: str) -> Path:
-    return resources / "models" / name
+    """The one place a model's folder is named (and model.name checked)."""
+    return safe_child(Path(resources) / "models", name, "model.name")
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception as one line, for errors that must print as one."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _package_dir(package: str, version: str) -> Path:
@@ -32,6 +42,29 @@ def _package_dir(package: str, version: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _assembled(assembler: ModuleType, target: Path) -> Path:
+    """Assemble into a temp name beside ``target``, check the sha256 the package declares,
+    then rename: assemble() itself writes straight to its target and refuses one that exists,
+    so a killed fetch would leave a partial file that blocks every later fetch. A complete,
+    verified target is reused; a partial one, or an earlier fetch's temp file, is replaced."""
+    expected = getattr(assembler, "EXPECTED_SHA256", None)
+    if expected and target.is_file() and sha256_file(target) == expected:
+        return target
+    remove_leftover_temps(target)
+    with atomic_path(target) as tmp:
+        tmp.unlink()  # assemble() refuses a file that exists
+        try:
+            assembler.assemble(tmp)
+        except (OSError, ValueError) as exc:
+            raise GemvlabError(f"{assembler.__name__}.assemble() failed ({_first_line(exc)}): "
+                               "reinstall its chunk packages with bash scripts/setup.sh") from exc
+        if expected and (actual := sha256_file(tmp)) != expected:
+            raise GemvlabError(f"{target.name} assembled by {assembler.__name__} has sha256 "
+                               f"{actual[:12]}…, not the declared {expected[:12]}…: reinstall "
+                               "its chunk packages with bash scripts/setup.sh")
+    return target
+
+
 def _packaged_gguf(cfg: Mapping[str, Any], downloads: Path) -> Path:
     pkg_dir = _package_dir(cfg["package"], cfg["package_version"])
     if cfg.get("assemble_module"):
@@ -40,8 +73,7 @@ def _packaged_gguf(cfg: Mapping[str, Any], downloads: Path) -> Path:
         except ImportError as exc:
             raise GemvlabError(f"{cfg['assemble_module']} cannot be imported ({exc}): run bash "
                                "scripts/setup.sh to install its chunk packages") from exc
-        downloads.mkdir(parents=True, exist_ok=True)
-        return Path(assembler.assemble(downloads / cfg["gguf_file"]))
+        return _assembled(assembler, safe_child(downloads, cfg["gguf_file"], "model.gguf_file"))
     path = pkg_dir / cfg["gguf_file"]
     if not path.is_file():
         raise GemvlabError(f"{path} is missing from package {cfg['package']}: reinstall it with "
@@ -67,11 +99,16 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _hub_snapshot(cfg: Mapping[str, Any], out: Path, online: bool) -> None:
-    hint = f"use a packaged model instead: model={' or model='.join(PACKAGED)}"
+_HUB_HINT = f"use a packaged model instead: model={' or model='.join(PACKAGED)}"
+
+
+def _check_online(cfg: Mapping[str, Any], online: bool) -> None:
     if not online:
         raise GemvlabError(f"model {cfg['name']} ({cfg['hub_id']}) comes from the hub and "
-                           f"hub_online=false: pass hub_online=true if online, or {hint}")
+                           f"hub_online=false: pass hub_online=true if online, or {_HUB_HINT}")
+
+
+def _hub_snapshot(cfg: Mapping[str, Any], out: Path) -> None:
     from huggingface_hub import snapshot_download
 
     try:
@@ -79,21 +116,28 @@ def _hub_snapshot(cfg: Mapping[str, Any], out: Path, online: bool) -> None:
                           local_dir=out, allow_patterns=["*.safetensors", "*.json", "*.model",
                                                          "*.txt", "*.jinja"])
     except Exception as exc:  # network, auth and missing-repo errors all mean the same here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GemvlabError(f"cannot download {cfg['hub_id']} from the hub ({first}); "
-                           f"{hint}") from exc
+        raise GemvlabError(f"cannot download {cfg['hub_id']} from the hub "
+                           f"({_first_line(exc)}); {_HUB_HINT}") from exc
     if not list(out.glob("*.safetensors")):
         raise GemvlabError(f"{cfg['hub_id']} has no safetensors weights and gemvlab never "
-                           f"loads pickled weights: pick another model, or {hint}")
+                           f"loads pickled weights: pick another model, or {_HUB_HINT}")
     shutil.rmtree(out / ".cache", ignore_errors=True)
 
 
-def _copy_local(cfg: Mapping[str, Any], out: Path) -> None:
+def _local_source(cfg: Mapping[str, Any], out: Path) -> Path:
+    """model.path, checked: a safetensors folder, and not the folder the fetch will empty."""
     src = Path(cfg["path"])
     if not (src / "config.json").is_file() or not list(src.glob("*.safetensors")):
         raise GemvlabError(f"model.path {src} needs config.json and *.safetensors weights "
                            "(pickled .bin/.pt weights are never loaded): save it with "
                            "save_pretrained(safe_serialization=True)")
+    if src.resolve().is_relative_to(out.resolve()):
+        raise GemvlabError(f"model.path {src} lies in {out}, which the fetch empties first: "
+                           "copy it elsewhere, or pick another model.name")
+    return src
+
+
+def _copy_local(src: Path, out: Path) -> None:
     for path in src.iterdir():
         if path.is_file() and path.suffix in {".json", ".safetensors", ".model", ".txt",
                                               ".jinja"}:
@@ -108,22 +152,34 @@ def _random_config(cfg: Mapping[str, Any], out: Path) -> None:
     config.save_pretrained(out)
 
 
-def fetch_model(cfg: Mapping[str, Any], resources: Path, *, online: bool) -> dict:
-    """Build resources/models/<name>/ and its manifest; returns the manifest."""
-    out = model_dir(resources, cfg["name"])
-    clear_folder(out)
+def _builder(cfg: Mapping[str, Any], resources: Path, out: Path,
+             online: bool) -> Callable[[Path], None]:
+    """Check the source's inputs (assembling a packaged GGUF into downloads/) and return what
+    writes the model folder: every check runs before the folder is emptied."""
     source = cfg["source"]
     if source == "packaged":
-        _dequantize_gguf(_packaged_gguf(cfg, resources / "downloads"), out)
-    elif source == "hub":
-        _hub_snapshot(cfg, out, online)
-    elif source == "random":
-        _random_config(cfg, out)
-    elif source == "local":
-        _copy_local(cfg, out)
-    else:
-        raise GemvlabError(f"model.source '{source}' is unknown: use packaged, hub, local or "
-                           "random")
+        gguf = _packaged_gguf(cfg, Path(resources) / "downloads")
+        return lambda folder: _dequantize_gguf(gguf, folder)
+    if source == "hub":
+        _check_online(cfg, online)
+        return lambda folder: _hub_snapshot(cfg, folder)
+    if source == "random":
+        return lambda folder: _random_config(cfg, folder)
+    if source == "local":
+        src = _local_source(cfg, out)
+        return lambda folder: _copy_local(src, folder)
+    raise GemvlabError(f"model.source '{source}' is unknown: use packaged, hub, local or random")
+
+
+def fetch_model(cfg: Mapping[str, Any], resources: Path, *, online: bool) -> dict:
+    """Build resources/models/<name>/ and its manifest; returns the manifest. The name and
+    the source are checked before the folder is emptied; the manifest, written last, marks
+    the folder usable, so a killed fetch leaves one that loads refuse."""
+    out = model_dir(resources, cfg["name"])
+    build = _builder(cfg, resources, out, online)
+    clear_folder(out)
+    build(out)
+    source = cfg["source"]
     files = [p for p in out.rglob("*") if p.is_file() and is_payload(p)]
     meta = {key: cfg.get(key) for key in ("name", "source", "package", "package_version",
                                           "hub_id", "revision", "path", "origin", "license",

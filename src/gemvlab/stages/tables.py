@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from gemvlab.config import plan_experiment
 from gemvlab.errors import GemvlabError
 from gemvlab.files import staged_folder
+from gemvlab.paths import safe_child
 from gemvlab.stage import StageContext, stage
 
 
@@ -28,10 +29,12 @@ def tables(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
 
     exp = cfg.experiment.id
     results = Path(cfg.paths.results)
-    records = [load_record(results / "runs" / exp / rid) for rid in planned_run_ids(cfg)]
+    runs = safe_child(results / "runs", exp, "experiment.id")
+    records = [load_record(safe_child(runs, rid, "report.run_ids entry"))
+               for rid in planned_run_ids(cfg)]
     if not records:
         raise GemvlabError(f"experiment {exp} declares no runs: add experiment.runs")
-    out_dir = results / "tables" / exp
+    out_dir = safe_child(results / "tables", exp, "experiment.id")
     metrics: dict[str, float] = {"runs": len(records)}
     built = {}
     # Built aside and swapped in at the end: a failure leaves the committed tables as they were.
