@@ -88,7 +88,22 @@ def test_missing_dataset_names_the_fetch_stage(tree):
 
 def test_unfetched_model_names_the_fetch_stage(tree):
     proc = evaluate(tree, tree["results"] / "adhoc" / "nomodel")
-    assert proc.returncode == 1 and "fetch_model model=tiny" in error_lines(proc)[0]
+    assert proc.returncode == 1
+    assert "fetch_model model=local model.name=tiny" in error_lines(proc)[0]
+
+
+def test_weights_that_do_not_fit_fail_and_write_no_record(tree):
+    """A renamed tensor would load at random under a complete-looking record."""
+    src = tree["model_src"] / "model.safetensors"
+    tensors = load_file(src)
+    tensors["model.layers.0.mlp.up"] = tensors.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(tensors, src, metadata={"format": "pt"})
+    fetch_tiny(tree)
+    run_dir = tree["results"] / "adhoc" / "renamed"
+    proc = evaluate(tree, run_dir)
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1
+    assert "1 missing (model.layers.0.mlp.up_proj.weight)" in error_lines(proc)[0]
+    assert not (run_dir / "metrics.json").exists()
 
 
 def test_bad_overrides_give_one_line_errors():

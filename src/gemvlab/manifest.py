@@ -30,6 +30,13 @@ def clear_folder(folder: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def refetch_hint(folder: Path, command: str) -> str:
+    """How to fetch a folder again: the fetch stage always rebuilds it, but Snakemake's fetch
+    rules make the manifest, so they rerun only once it is gone."""
+    return (f"refetch: {command}, or rm -f {folder / MANIFEST} and rerun snakemake (which "
+            "refetches only a folder without its manifest)")
+
+
 def write_manifest(folder: Path, meta: Mapping, files: list[Path]) -> dict:
     """Record every file's sha256 and size; written last, it marks the folder usable."""
     entries = {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import shlex
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 
 from gemvlab.errors import GemvlabError
 from gemvlab.files import atomic_path, remove_leftover_temps, sha256_file
-from gemvlab.manifest import clear_folder, is_payload, write_manifest
+from gemvlab.manifest import clear_folder, is_payload, refetch_hint, write_manifest
+from gemvlab.models.checkpoint import weight_mismatch
 from gemvlab.paths import safe_child
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,26 @@ def _first_line(exc: BaseException) -> str:
     """An exception as one line, for errors that must print as one."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _fetch_overrides(cfg: Mapping[str, Any]) -> list[str]:
+    """The overrides that rebuild this model's folder: a local or hub model is named by its
+    path or hub id, not by a config option."""
+    name = cfg["name"]
+    if cfg["source"] == "local":
+        return ["model=local", f"model.name={name}", f"model.path={cfg['path']}"]
+    if cfg["source"] == "hub":
+        return ["model=hub", f"model.name={name}", f"model.hub_id={cfg['hub_id']}",
+                f"model.revision={cfg.get('revision', 'main')}", "hub_online=true"]
+    return [f"model={name}"]
+
+
+def model_fetch_hint(cfg: Mapping[str, Any], resources: Path) -> str:
+    """The command that really refetches this model (the fetch stage, or Snakemake once the
+    manifest is gone)."""
+    args = shlex.join([*_fetch_overrides(cfg), f"paths.resources={resources}"])
+    return refetch_hint(model_dir(resources, cfg["name"]),
+                        f"python -m gemvlab.stages.fetch_model {args}")
 
 
 def _package_dir(package: str, version: str) -> Path:
@@ -89,8 +111,13 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
 
     log.info("dequantizing %s (this takes up to a minute)", gguf.name)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, output_loading_info=True)
+    problem = weight_mismatch(info)
+    if problem:  # saved as they are, the random weights would pass every later check
+        raise GemvlabError(f"{gguf} does not fill {type(model).__name__}: {problem}; reinstall "
+                           "the model package and the transformers version requirements.lock "
+                           "pins with bash scripts/setup.sh")
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):

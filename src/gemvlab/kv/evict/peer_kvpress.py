@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from gemvlab.files import atomic_write_json
+from gemvlab.models.checkpoint import weight_mismatch
 
 PRESSES = {
     "streaming_llm": "StreamingLLMPress",
@@ -112,9 +113,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def load(attn: str) -> Any:
         if attn not in models:
-            models[attn] = AutoModelForCausalLM.from_pretrained(
+            model, info = AutoModelForCausalLM.from_pretrained(
                 args.model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
-                attn_implementation=attn).eval()
+                attn_implementation=attn, output_loading_info=True,
+                ignore_mismatched_sizes=True)
+            problem = weight_mismatch(info)
+            if problem:  # the main process loaded them: this transformers reads them otherwise
+                sys.exit(f"peer_kvpress: {args.model}'s weights do not fit "
+                         f"{type(model).__name__} under transformers "
+                         f"{transformers.__version__}: {problem}; reinstall the side folder "
+                         "with bash scripts/install_kvpress.sh")
+            models[attn] = model.eval()
         return models[attn]
 
     records = []
