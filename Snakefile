@@ -9,6 +9,9 @@ from gemvlab.workflow import Workflow
 
 report: "docs/report/workflow.rst"
 
+
+include: "rules/hooks.smk"
+
 try:
     W = Workflow.from_config(config)
 except GemvlabError as exc:  # a --config or config mistake: its one line, no traceback

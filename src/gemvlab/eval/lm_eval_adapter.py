@@ -208,24 +208,16 @@ def _make_hflm(hflm_cls: type, model: Any, **kwargs: Any) -> Any:
             object.__delattr__(model, "tie_weights")
 
 
-def _hub_unreachable(timeout_s: float = 5.0) -> str | None:
-    """Why the hub's endpoint does not answer, or None when it does (any HTTP status).
+def _hub_unreachable() -> str | None:
+    """Why the hub's endpoint does not answer, or None when it does.
 
     Asked once up front: the datasets library retries an unreachable hub for half a minute
     before it gives up, per file."""
-    import urllib.error
-    import urllib.request
-
     from huggingface_hub import constants
 
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
-                               timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return None
-    except OSError as err:
-        return f"{constants.ENDPOINT} unreachable: {getattr(err, 'reason', err)}"
-    return None
+    from gemvlab.net import unreachable
+
+    return unreachable(constants.ENDPOINT)
 
 
 def _simple_evaluate(lm_eval: Any, from_hub: bool, **kwargs: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from gemvlab.error_line import say
 from gemvlab.registry import stages
 from gemvlab.stage import dispatch, stage
 
@@ -16,9 +17,9 @@ def main() -> None:
     known = stages()
     name = sys.argv[1] if len(sys.argv) > 1 else ""
     if name not in known:
-        print(f"gemvlab: error: {'stage ' + repr(name) + ' is unknown' if name else 'no stage'}"
-              f": use python -m gemvlab.stages <stage> [overrides], stage one of "
-              f"{', '.join(known)}", file=sys.stderr)
+        say(f"gemvlab: error: {'stage ' + repr(name) + ' is unknown' if name else 'no stage'}"
+            f": use python -m gemvlab.stages <stage> [overrides], stage one of "
+            f"{', '.join(known)}")
         sys.exit(2)
     del sys.argv[1]
     stage(name)(dispatch(name))()
