@@ -95,7 +95,7 @@ def test_missing_local_file_is_a_clear_error(tmp_path):
 ])
 def test_a_damaged_split_names_its_line_and_the_refetch(tmp_path, content: str, says: str):
     """One line, not a traceback; the fix must refetch for real: Snakemake never refetches
-    while the dataset's manifest exists, so the fetch stage is named, or deleting the folder."""
+    while the dataset's manifest exists, so the fetch stage is named, or deleting the manifest."""
     folder = tmp_path / "res" / "data" / "austen"
     folder.mkdir(parents=True)
     split = folder / "test.jsonl"
@@ -106,7 +106,7 @@ def test_a_damaged_split_names_its_line_and_the_refetch(tmp_path, content: str, 
     assert f"{split} {says}" in said and "\n" not in said
     assert ("python -m gemvlab.stages.fetch_data data=austen "
             f"paths.resources={tmp_path / 'res'}") in said
-    assert f"delete {folder} and rerun snakemake" in said
+    assert f"rm -f {folder / 'manifest.json'} and rerun snakemake" in said
 
 
 def test_a_damaged_gzipped_request_file_names_its_dataset(tmp_path):
