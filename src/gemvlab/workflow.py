@@ -139,6 +139,27 @@ class Workflow:
                                    f"'{override_root(override)}', a key no planned run has: "
                                    f"check its spelling (keys: {', '.join(sorted(roots))})")
 
+    def _stale_records(self, exp: str, plan: list[PlannedRun]) -> list[str]:
+        """One line when some of an experiment's records were made by code that has changed
+        since, or before records named their code: their numbers may not be today's."""
+        import json
+
+        from gemvlab.results.source import code_changed
+
+        digests: dict[str, str] = {}
+        states = []
+        for run in plan:
+            folder = Path(self.results, "runs", exp, run.run_id)
+            if (folder / "metrics.json").is_file() and (folder / "provenance.json").is_file():
+                prov = json.loads((folder / "provenance.json").read_text())
+                states.append(code_changed(prov, digests=digests))
+        changed, unnamed = states.count(True), states.count(None)
+        if not changed and not unnamed:
+            return []
+        return [f"{exp}: of its {len(states)} records, {changed} were made by code that has "
+                f"changed since and {unnamed} before records named their code; to refresh one, "
+                "rm its metrics.json and rerun snakemake"]
+
     def notes(self) -> list[str]:
         """What the plan leaves out that a user would otherwise not see: global overrides that
         some runs do not read (one line per experiment), and records on disk that no planned
@@ -151,6 +172,7 @@ class Workflow:
                 n = sum(1 for run in plan if run.unread)
                 lines.append(f"{exp}: {n} of its {len(plan)} runs do not read what "
                              f"{' '.join(skipped)} sets; they keep their configs and run_ids")
+            lines += self._stale_records(exp, plan)
             planned = {run.run_id for run in plan}
             for record in sorted(Path(self.results, "runs", exp).glob("*/metrics.json")):
                 if record.parent.name not in planned:

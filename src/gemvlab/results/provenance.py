@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from gemvlab.config import REPO_ROOT
+from gemvlab.results.source import lock_hash, source_record
 
 _PACKAGES = ("gemvlab", "torch", "transformers", "accelerate", "gguf", "safetensors",
              "hydra-core", "snakemake", "lm-eval", "wandb", "pandas", "numpy", "datasets",
@@ -101,4 +102,6 @@ def collect(seed: int | None) -> dict:
         "platform": platform.platform(),
         "seed": seed,
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "source": source_record(),
+        "lock_sha256": lock_hash(),
     }
