@@ -110,9 +110,15 @@ class Tracker:
         self.log_artifact(name, "table", files)
 
     def finish(self, failed: bool = False) -> None:
+        """End the run and stop wandb's service process: run.finish alone can return before
+        the service has written the run's file out (a read right after saw it empty under
+        load), and a stage process tracks one run, so nothing is lost by stopping it."""
         if self._run is not None:
+            import wandb
+
             self._run.finish(exit_code=1 if failed else 0)
             self._run = None
+            wandb.teardown()
 
 
 # Reading offline runs back. wandb 0.31 writes each run as a .wandb file in the LevelDB log
