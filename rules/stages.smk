@@ -1,6 +1,7 @@
 # The run stages: one job per planned run, by the stage its experiment gives it; the stages are
 # those of the planned runs, served by the registered runners (gemvlab.registry). A run's folder
-# name is its run_id, so each rule's wildcard constraint matches only its own runs.
+# name is its run_id, so each rule's wildcard constraint matches only its own runs. The same
+# rules make `snakemake verify`'s reruns: {results} is the results folder or verify's.
 
 for _stage in W.stages:
 
@@ -10,10 +11,11 @@ for _stage in W.stages:
         input:
             W.run_inputs,
         output:
-            f"{W.results}/runs/{{experiment}}/{{run_id}}/metrics.json",
+            "{results}/runs/{experiment}/{run_id}/metrics.json",
         log:
-            f"{W.results}/runs/{{experiment}}/{{run_id}}/snakemake.log",
+            "{results}/runs/{experiment}/{run_id}/snakemake.log",
         wildcard_constraints:
+            results=W.results_folders,
             run_id=W.run_ids_of(_stage),
         params:
             py=W.python,

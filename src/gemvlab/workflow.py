@@ -84,6 +84,28 @@ def needs_gpu(run: PlannedRun) -> bool:
     return runner_of(run).needs_gpu(run.config)
 
 
+def hub_offline(run: PlannedRun) -> bool:
+    """Whether a run loads a hub model while the hub is off (hub_online=false)."""
+    return bool(runner_of(run).uses_model and run.config["model"].get("source") == "hub"
+                and not run.config.get("hub_online"))
+
+
+def cuda_missing(run: PlannedRun) -> bool:
+    """Whether a run needs a CUDA GPU that this machine lacks."""
+    if not needs_gpu(run):
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def not_here(run: PlannedRun) -> str | None:
+    """Why this machine cannot run ``run`` (None: it can), in the words the drift table uses."""
+    if hub_offline(run):
+        return "needs hub_online=true"
+    return "needs CUDA" if cuda_missing(run) else None
+
+
 def _regex(values: set[str]) -> str:
     """A regex matching exactly these strings (never-matching if none)."""
     import re
@@ -102,6 +124,8 @@ class Workflow:
     resources: str
     common: list[str]
     experiments: list[str]
+    # Where `snakemake verify` reruns the plan's runs (never the results folder itself).
+    verify_results: str
     # The --config this workflow was given, so that the report's own snakemake sees the same DAG.
     config_args: list[str] = field(default_factory=list)
     plan: dict[str, list[PlannedRun]] = field(default_factory=dict)
@@ -116,11 +140,16 @@ class Workflow:
         results = str(config.get("results") or ("results" if scale == "cpu"
                                                  else f"results/{scale}"))
         resources = str(config.get("resources", "resources"))
+        verify = str(config.get("verify_results") or f"{results}/verify")
+        if os.path.abspath(verify) == os.path.abspath(results):
+            raise GemvlabError(f"--config verify_results={verify}: that is the results folder; "
+                               "verify reruns into a folder of its own (default "
+                               "<results>/verify)")
         user = shlex.split(str(config.get("overrides", "")))
         fixed = [f"scale={scale}", f"paths.results={results}", f"paths.resources={resources}"]
         experiments = [e for e in str(config.get("experiments", "")).split(",") if e]
         wf = cls(scale, results, resources, [*fixed, *user], experiments or experiment_ids(),
-                 config_args=[f"{k}={v}" for k, v in config.items()])
+                 verify_results=verify, config_args=[f"{k}={v}" for k, v in config.items()])
         wf.plan = {exp: [run for run in plan_experiment(exp, fixed, user, keys_read)
                          if wf.can_run(run)]
                    for exp in wf.experiments}
@@ -190,14 +219,9 @@ class Workflow:
         """
         if os.path.isfile(f"{self.results}/runs/{run.experiment}/{run.run_id}/metrics.json"):
             return True
-        if runner_of(run).uses_model and run.config["model"].get("source") == "hub" \
-                and not run.config.get("hub_online"):
+        if hub_offline(run):
             return False
-        if run.config["scale"]["device"] == "cuda" or not needs_gpu(run):
-            return True
-        import torch
-
-        return torch.cuda.is_available()
+        return run.config["scale"]["device"] == "cuda" or not cuda_missing(run)
 
     @property
     def targets(self) -> list[str]:
@@ -213,13 +237,60 @@ class Workflow:
     def all_experiments(self) -> list[str]:
         return experiment_ids()
 
+    def _report_path(self, kind: str) -> str:
+        """<results>/<kind>.html for every experiment, else a name that says which, so a partial
+        plan never replaces the whole project's report."""
+        if sorted(self.experiments) == self.all_experiments:
+            return f"{self.results}/{kind}.html"
+        return f"{self.results}/{kind}-{'-'.join(self.experiments)}.html"
+
     @property
     def report_file(self) -> str:
-        """Snakemake's report of the planned experiments: report.html for all of them, else a
-        name that says which, so a partial plan never replaces the whole project's report."""
-        if sorted(self.experiments) == self.all_experiments:
-            return f"{self.results}/report.html"
-        return f"{self.results}/report-{'-'.join(self.experiments)}.html"
+        """Snakemake's report of the planned experiments (report.html, report-<ids>.html)."""
+        return self._report_path("report")
+
+    @property
+    def verify_report_file(self) -> str:
+        """Snakemake's report of `snakemake verify`: the drift tables (report-verify.html)."""
+        return self._report_path("report-verify")
+
+    @cached_property
+    def not_rerun(self) -> dict[tuple[str, str], str]:
+        """The planned runs that `snakemake verify` cannot rerun on this machine, with why
+        (a committed GPU record on a CPU machine: "needs CUDA")."""
+        return {key: why for key, run in self.runs.items() if (why := not_here(run))}
+
+    def fresh_records(self, exp: str) -> list[str]:
+        """The fresh records of an experiment's runs that this machine can rerun."""
+        return [f"{self.verify_results}/runs/{exp}/{r.run_id}/metrics.json"
+                for r in self.plan[exp] if (exp, r.run_id) not in self.not_rerun]
+
+    def verify_metrics(self, wildcards: Any) -> list[str]:
+        return self.fresh_records(wildcards.experiment)
+
+    @property
+    def verify_targets(self) -> list[str]:
+        """What `snakemake verify` makes, listed in full (see targets): the fresh records, so
+        that deleting them reruns them, each experiment's drift table, and their report."""
+        fresh = [f for exp in self.experiments for f in self.fresh_records(exp)]
+        drift = [f"{self.results}/drift/{exp}.{ext}" for exp in self.experiments
+                 for ext in ("csv", "md")]
+        return [*fresh, *drift, self.verify_report_file]
+
+    def drift_args(self, wildcards: Any) -> str:
+        """The drift stage's view of a verify: the plan's runs, the folder they were rerun
+        into, and those left out with why, as [run_id, reason] pairs."""
+        exp = wildcards.experiment
+        left = ",".join(f'["{rid}","{why}"]' for (e, rid), why in self.not_rerun.items()
+                        if e == exp)
+        return _quote([f"report.run_ids=[{self.run_id_list(wildcards)}]",
+                       f"+report.fresh_results={self.verify_results}",
+                       f"+report.not_rerun=[{left}]"])
+
+    @property
+    def results_folders(self) -> str:
+        """A regex of the folders the run rules write into: the results and verify's."""
+        return _regex({self.results, self.verify_results})
 
     @property
     def runs(self) -> dict[tuple[str, str], PlannedRun]:
@@ -319,7 +390,11 @@ class Workflow:
         return int(runner_for(art.stage, run.config).needs_gpu(run.config))
 
     def run_args(self, wildcards: Any) -> str:
-        return _quote(self.runs[(wildcards.experiment, wildcards.run_id)].overrides)
+        """A run's overrides, with paths.results the folder it writes into (verify's, for a
+        rerun; paths stay out of the run_id)."""
+        own = f"paths.results={self.results}"
+        return _quote([f"paths.results={wildcards.results}" if o == own else o
+                       for o in self.runs[(wildcards.experiment, wildcards.run_id)].overrides])
 
     def run_threads(self, wildcards: Any) -> int:
         """A job's threads: experiment.job_threads where the experiment sets it (then several
@@ -345,7 +420,7 @@ class Workflow:
         return _quote(["--config", *self.config_args] if self.config_args else [])
 
     def run_dir(self, wildcards: Any) -> str:
-        return f"{self.results}/runs/{wildcards.experiment}/{wildcards.run_id}"
+        return f"{wildcards.results}/runs/{wildcards.experiment}/{wildcards.run_id}"
 
     def model_args(self, wildcards: Any) -> str:
         """The model overrides of a run that uses this model (packaged, hub, local, random),

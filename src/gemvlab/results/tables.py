@@ -5,7 +5,9 @@ A table spec (from the experiment's Hydra config) names the config values to sho
 (`metrics`: a wide table, one row per run) or as a key template (`pattern`, e.g.
 ``"lmeval/{task}/{metric}"``: a long table, one row per run and value of every placeholder but
 the last, whose values become the metric columns). Optional `where` keeps the rows matching a
-pandas query over the table's columns; optional `sort` lists the columns to sort by.
+pandas query over the table's columns; optional `sort` lists the columns to sort by. Optional
+`timed` lists the wall-clock columns and `tolerance` (column -> relative difference) how far a
+rerun's value may be from the committed one (gemvlab.results.drift; exact by default).
 """
 
 from __future__ import annotations
@@ -116,6 +118,14 @@ def build_table(records: Sequence[Record], spec: Mapping) -> pd.DataFrame:
     sort = spec.get("sort")
     by = [*columns, *placeholders] if sort is None else [str(name) for name in sort]
     return _sorted(df, by)
+
+
+def row_key(spec: Mapping) -> list[str]:
+    """The columns that tell a table's rows apart: run_id and, for a `pattern`, every
+    placeholder but the last (the rest are the config's `columns` and the metrics)."""
+    if spec.get("pattern") is None:
+        return [RUN_ID]
+    return [RUN_ID, *_compile_pattern(str(spec["pattern"]))[1][:-1]]
 
 
 class _Missing:
