@@ -8,6 +8,7 @@ stage of their own makes first) is declared by its runner as functions of the re
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
@@ -21,6 +22,12 @@ Plain = Mapping[str, Any]
 # Top-level config keys every run reads (its scale, seed and where it writes), whatever it runs.
 ALWAYS_READ = ("experiment", "scale", "seed", "threads", "paths", "logger", "hub_online",
                "report", "hydra")
+
+# Metrics every run's record has that read the clock (stage.execute adds wall_s): see Runner.
+ALWAYS_TIMED = ("wall_s",)
+# What a run that loads a model and evaluates it measures besides its results: load and
+# evaluation times, and the process's peak memory.
+MODEL_RUN_TIMED = ("load_s", "perplexity_s", "lm_eval_s", "peak_rss_mb")
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,11 @@ class Runner:
     run reads besides :data:`ALWAYS_READ` (None: all of them); a global override of any other
     key does not reach its runs, and the run body sees only these keys, so a key read without
     being declared fails at once instead of leaving a record that an override never changed.
+    ``timed``: glob patterns (fnmatch: ``*`` spans ``/``) of the metric keys that are readings of
+    the clock or of memory use (wall times, latencies, rates and ratios of them, peak memory),
+    besides :data:`ALWAYS_TIMED`. Every other metric is a result: two runs of the same config
+    on the same machine, lock and thread count must give it bit for bit
+    (tests/test_determinism.py), and the tables' ``timed:`` lists must agree with these.
     """
 
     stage: str
@@ -77,6 +89,12 @@ class Runner:
     artifacts: Callable[[Plain], list[Artifact]] = _nothing
     needs_gpu: Callable[[Plain], bool] = _scale_device_is_cuda
     reads: tuple[str, ...] | None = None
+    timed: tuple[str, ...] = ()
+
+    def is_timed(self, key: str) -> bool:
+        """Whether metric ``key`` of this runner's records is a clock or memory reading."""
+        return any(fnmatch.fnmatchcase(key, pattern)
+                   for pattern in (*ALWAYS_TIMED, *self.timed))
 
     @property
     def keys_read(self) -> set[str] | None:

@@ -77,6 +77,15 @@ def _options_first(argv: list[str]) -> list[str]:
 
 
 def set_determinism(seed: int, threads: int | None) -> None:
+    """Seed every generator a run may draw from and fix torch's intra-op threads, so that two
+    runs of a config on one machine (provenance's cpu_capability) with one lock and thread
+    count give every untimed metric bit for bit (tests/test_determinism.py).
+
+    Not torch.use_deterministic_algorithms: on the CPU it changes only ops that accumulate
+    into indexed places (index_put, put_ with accumulate), which gemvlab does not call; it
+    imports torch._inductor (1.5-2 s more for every run), and its NaN fill of torch.empty
+    would add a memset to the CPU benchmarks' timed loops.
+    """
     import torch
 
     random.seed(seed)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from gemvlab.registry import runner
+from gemvlab.registry import MODEL_RUN_TIMED, runner
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.stage import StageContext
 
 
-@runner("evaluate", "model")
+@runner("evaluate", "model", timed=MODEL_RUN_TIMED)
 def evaluate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.eval.suite import evaluation_metrics
     from gemvlab.models.load import load_run_model

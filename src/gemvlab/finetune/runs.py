@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
 from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
-from gemvlab.registry import runner
+from gemvlab.registry import MODEL_RUN_TIMED, runner
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.stage import StageContext
 
@@ -156,7 +156,12 @@ def training_metrics(model: torch.nn.Module, tokenizer, cfg: DictConfig, resourc
     return metrics
 
 
-@runner("finetune", "adapters")
+# The training loop's own clock and memory (see training_metrics).
+_TRAIN_TIMED = ("train_s", "step_ms", "s_per_100_steps", "train_peak_mem_mb",
+                "peak_rss_mb_before_train")
+
+
+@runner("finetune", "adapters", timed=(*MODEL_RUN_TIMED, *_TRAIN_TIMED))
 def finetune(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.eval.suite import evaluation_metrics
     from gemvlab.finetune.quantized_base import quantize_base
@@ -218,6 +223,7 @@ def step_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 @runner("bench", "finetune", applies=bench_kind("finetune"), uses_model=False,
+        timed=("step/*_ms", "step/*_mem_mb", "ratio/*/time", "ratio/*/memory"),
         needs_gpu=bench_on_cuda, reads=("bench",))
 def step_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """One training step per (model, impl), each in its own process; see ``step_bench``."""

@@ -155,7 +155,8 @@ def measurements_file(plain: Mapping[str, Any]) -> list[str]:
 
 
 @runner("simulate", "npu_pim", uses_model=False, inputs=measurements_file,
-        needs_gpu=lambda _plain: False, reads=("hw", "sim"))
+        needs_gpu=lambda _plain: False, reads=("hw", "sim"),
+        timed=("simspeed/*/wall_s", "simspeed/*/iterations_per_s"))
 def run_simulate(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """One simulation task (throughput, calibration or the simulator's own speed)."""
     if "sim" not in cfg or "hw" not in cfg:

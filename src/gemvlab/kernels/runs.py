@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # eager_us: one call's host latency from an idle GPU, launch overhead included (CUDA only).
 _MEASURES = ("median_us", "p10_us", "p90_us", "eager_us", "gbps", "tflops", "rel_err",
              "weight_bytes")
+# Of those, all but rel_err and weight_bytes read the clock (peak_share: gbps over the peak).
+_SPEED_TIMED = ("speed/*_us", "speed/*/gbps", "speed/*/tflops", "speed/*/peak_share")
 
 
 def peak_gbps(device_name: str, table: dict) -> float | None:
@@ -39,7 +41,7 @@ def peak_gbps(device_name: str, table: dict) -> float | None:
 
 
 @runner("bench", "int8", applies=bench_kind("int8"), uses_model=False, needs_gpu=bench_on_cuda,
-        reads=("bench",))
+        reads=("bench",), timed=_SPEED_TIMED)
 def int8_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Linear-layer speed of the int8 implementations against a dense layer."""
     from gemvlab.kernels.linear_bench import benchmark_linears
@@ -94,7 +96,8 @@ def _speed_metrics(rows: list[dict[str, Any]], peaks: dict) -> dict[str, float]:
 
 
 @runner("bench", "lattice", applies=bench_kind("lattice"), uses_model=False,
-        needs_gpu=bench_on_cuda, reads=("bench",))
+        needs_gpu=bench_on_cuda, reads=("bench",),
+        timed=(*_SPEED_TIMED, "speed/*/tokens_per_s", "decode_ratio/*", "tokens_ratio/*"))
 def lattice_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Decode GEMV per layer shape and tokens/s of the whole model, RTN vs GLVQ at equal bits."""
     from gemvlab.kernels.decode_bench import benchmark_decode, benchmark_model_decode
@@ -126,7 +129,7 @@ def lattice_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
 
 
 @runner("bench", "decode_ops", applies=bench_kind("decode_ops"), uses_model=False,
-        needs_gpu=bench_on_cuda, reads=("bench",))
+        needs_gpu=bench_on_cuda, reads=("bench",), timed=("gpu/*_us",))
 def decode_ops_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """GEMMs of a decode step's linear layers by batch and decode attention by context and
     batch, at ``bench.shape``; see ``kernels.decode_ops_bench``."""

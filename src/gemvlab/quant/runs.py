@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from gemvlab.data import data_dir
 from gemvlab.errors import GemvlabError
 from gemvlab.files import atomic_write_text
-from gemvlab.registry import runner
+from gemvlab.registry import MODEL_RUN_TIMED, runner
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.stage import StageContext
 
@@ -113,7 +113,7 @@ def apply_method(model: torch.nn.Module, tokenizer, cfg: DictConfig,
     return {"layers_quantized": layers, **weight_bytes(model, list(method.skip))}
 
 
-@runner("quantize", "model_quantizers")
+@runner("quantize", "model_quantizers", timed=(*MODEL_RUN_TIMED, "quantize_s"))
 def quantize(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.eval.suite import evaluation_metrics
     from gemvlab.models.load import load_run_model

@@ -95,6 +95,10 @@ def collect(seed: int | None) -> dict:
         "cuda": torch.version.cuda,
         "packages": package_versions(),
         "cpu": _cpu_model(),
+        # The vector instructions torch's kernels use (AVX2, AVX512, ...): they decide how
+        # floats are summed, so records of the same config on machines that differ here (or in
+        # torch_threads) may differ in their last bits, and chaotic metrics by far more.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,

@@ -344,7 +344,7 @@ _TASK_FNS = {"summarization": summarization_metrics, "coqa": coqa_metrics,
              "perplexity": perplexity_metrics}
 
 
-@runner("kv_eval", "kv_policies")
+@runner("kv_eval", "kv_policies", timed=("load_s", "eval_s", "peak_rss_mb"))
 def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -381,7 +381,8 @@ def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
 
 
 @runner("bench", "kv", applies=bench_kind("kv"), uses_model=False, needs_gpu=bench_on_cuda,
-        reads=("bench", "method"))
+        reads=("bench", "method"),
+        timed=("speed/*_ms", "speed/*/tokens_per_s", "speed/*/peak_mem_mb", "ratio/*", "best/*"))
 def kv_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Decode step time, tokens/s and KV bytes per KV policy and budget; see ``speed_bench``."""
     from tqdm.auto import tqdm

@@ -265,7 +265,8 @@ def collected_artifacts(plain) -> list[Artifact]:
                      mem_mb=8000, runtime_min=30)]
 
 
-@runner("kvq_eval", "kv_quantizers", artifacts=codebook_artifacts)
+@runner("kvq_eval", "kv_quantizers", artifacts=codebook_artifacts,
+        timed=("load_s", "eval_s", "peak_rss_mb"))
 def kvq_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
@@ -291,7 +292,8 @@ def kvq_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-@runner("kv_collect", "kv_codebooks", applies=lambda plain: artifact_dirs(plain) is not None)
+@runner("kv_collect", "kv_codebooks", applies=lambda plain: artifact_dirs(plain) is not None,
+        timed=("collect_s",))
 def kv_collect(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """Each layer's keys (before RoPE) and values over Austen text, for training codebooks."""
     from gemvlab.kv.quant.quant_cache import collect
@@ -318,7 +320,8 @@ def kv_collect(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
 
 
 @runner("kv_train", "kv_codebooks", applies=lambda plain: artifact_dirs(plain) is not None,
-        uses_model=False, artifacts=collected_artifacts, needs_gpu=lambda _plain: False)
+        uses_model=False, artifacts=collected_artifacts, needs_gpu=lambda _plain: False,
+        timed=("*_train_s",))
 def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """CommVQ's key codebooks and value codecs from the collected KV, with training errors."""
     from tqdm.auto import tqdm
@@ -385,7 +388,7 @@ def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
 
 
 @runner("bench", "kvq", applies=bench_kind("kvq"), uses_model=False, needs_gpu=bench_on_cuda,
-        reads=("bench", "method"))
+        reads=("bench", "method"), timed=("speed/*_ms", "ratio/*/naive_over_commutative"))
 def kvq_bench(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """CommVQ attention over a compressed layer, decode-then-attend against codebook space,
     by context; and each setting's exact bits per cached value at the layer's shape."""
