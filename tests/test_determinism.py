@@ -45,9 +45,9 @@ CASES: dict[str, list[tuple[str, ...]]] = {
     # LoRA on an NF4 base at the sweep's high learning rate (a record that drifted on rerun).
     "finetune_qlora": [("finetune", "experiment=oftv2", "method=qlora", "sweep=quantized",
                         "method.lr=0.01")],
-    "kv_eval": [("kv_eval", "experiment=keyformer", "eval=kv_summarization")],
+    "kv_evict_eval": [("kv_evict_eval", "experiment=keyformer", "eval=kv_summarization")],
     "kvq_chain": [(stage, "experiment=commvq", "eval=kvq_quality")
-                  for stage in ("kv_collect", "kv_train", "kvq_eval")],
+                  for stage in ("kv_collect", "kv_train", "kv_quant_eval")],
     "simulate": [("simulate", "experiment=neupims", "sim.model=gpt3-7b", "sim.trace=sharegpt",
                   "sim.batches=[32,256]", "sim.iterations=40")],
     "bench_kv": [("bench", "experiment=keyformer", "experiment.stage=bench", "bench=kv_cpu",

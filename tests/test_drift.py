@@ -11,13 +11,13 @@ from gemvlab.results.drift import compare_cell, counts, drift_table, render_mark
 from gemvlab.results.tables import Record
 
 # A long table (one row per run and system) with a wall-clock column, as neupims' throughput.
-SPEC = {"columns": {"model": "model"}, "pattern": "tput/{system}/{metric}",
+SPEC = {"columns": {"model": "model"}, "pattern": "throughput/{system}/{metric}",
         "timed": ["wall_s"]}
 
 
 def record(rid: str, model: str, **changed: float) -> Record:
-    metrics = {"tput/gpu/tokens_per_s": 100.0, "tput/gpu/wall_s": 2.0,
-               "tput/pim/tokens_per_s": 300.0, "tput/pim/wall_s": 3.0}
+    metrics = {"throughput/gpu/tokens_per_s": 100.0, "throughput/gpu/wall_s": 2.0,
+               "throughput/pim/tokens_per_s": 300.0, "throughput/pim/wall_s": 3.0}
     return Record(rid, {"model": model}, {**metrics, **changed})
 
 
@@ -41,7 +41,7 @@ def test_equal_tables_have_no_drift():
 
 
 def test_a_changed_untimed_cell_is_one_drift_row_with_its_differences():
-    rerun = fresh(COMMITTED[0], record("r2", "13b", **{"tput/pim/tokens_per_s": 330.0}))
+    rerun = fresh(COMMITTED[0], record("r2", "13b", **{"throughput/pim/tokens_per_s": 330.0}))
     table = drift_table(COMMITTED, rerun, {"throughput": SPEC}, {})
     drift = table[table["status"] != "same"]
     assert len(drift) == 1
@@ -55,7 +55,7 @@ def test_a_changed_untimed_cell_is_one_drift_row_with_its_differences():
 
 
 def test_a_changed_timed_column_is_no_drift():
-    rerun = fresh(*(record(r.run_id, r.config["model"], **{"tput/gpu/wall_s": 99.0})
+    rerun = fresh(*(record(r.run_id, r.config["model"], **{"throughput/gpu/wall_s": 99.0})
                     for r in COMMITTED))
     table = drift_table(COMMITTED, rerun, {"throughput": SPEC}, {})
     assert counts(table)["drifting"] == 0 and "wall_s" not in set(table["column"])
@@ -66,7 +66,7 @@ def test_a_changed_timed_column_is_no_drift():
 @pytest.mark.parametrize(("fresh_value", "status"), [(300.0 * 1.005, "within tolerance"),
                                                       (300.0 * 1.02, "drift")])
 def test_the_specs_tolerance_is_honoured(fresh_value: float, status: str):
-    rerun = fresh(COMMITTED[0], record("r2", "13b", **{"tput/pim/tokens_per_s": fresh_value}))
+    rerun = fresh(COMMITTED[0], record("r2", "13b", **{"throughput/pim/tokens_per_s": fresh_value}))
     spec = {**SPEC, "tolerance": {"tokens_per_s": 0.01}}
     table = drift_table(COMMITTED, rerun, {"throughput": spec}, {})
     changed = table[table["status"] != "same"]
@@ -101,7 +101,7 @@ def test_runs_not_rerun_are_listed_not_compared():
 
 
 def test_a_metric_missing_on_one_side_drifts():
-    gone = Record("r1", {"model": "7b"}, {"tput/gpu/tokens_per_s": 100.0})  # no pim row
+    gone = Record("r1", {"model": "7b"}, {"throughput/gpu/tokens_per_s": 100.0})  # no pim row
     table = drift_table(COMMITTED, fresh(gone, COMMITTED[1]), {"throughput": SPEC}, {})
     assert list(table.loc[table["status"] != "same", "status"]) == ["missing in fresh"]
     assert counts(table)["drifting"] == 1

@@ -146,10 +146,11 @@ def test_gpu_fit_recovers_a_known_model():
     assert model.e_attention == pytest.approx(0.7, rel=1e-3)
     assert model.attention_overhead_ns == pytest.approx(6000.0, rel=1e-3)
     summary = gpu.calibration_metrics(model, fit_set, held)
-    assert summary["calsum/heldout/max_abs_rel_err"] < 0.03
+    assert summary["calibration_summary/heldout/max_abs_rel_err"] < 0.03
     # A model that is off is reported off.
     wrong = dataclasses.replace(model, e_memory=model.e_memory / 2)
-    assert gpu.calibration_metrics(wrong, fit_set, held)["calsum/heldout/max_abs_rel_err"] > 0.3
+    off = gpu.calibration_metrics(wrong, fit_set, held)
+    assert off["calibration_summary/heldout/max_abs_rel_err"] > 0.3
     with pytest.raises(GemvlabError, match="median_us"):
         gpu.measurements({"x": 1.0})
 
@@ -177,14 +178,14 @@ def test_simulate_stage_writes_each_task(tmp_path: Path):
     cfg = _cfg(tmp_path, "sim.model=gpt3-7b", "sim.batches=[4,32]", "sim.iterations=5")
     m = execute("simulate", run_simulate, cfg, tmp_path / "tput")
     for system in SYSTEMS:
-        assert m[f"tput/{system}/b32/tokens"] == 5 * 32
+        assert m[f"throughput/{system}/b32/tokens"] == 5 * 32
     assert m["speedup/npu/b32/neupims_over"] == pytest.approx(
-        m["tput/neupims/b32/tokens_per_s"] / m["tput/npu/b32/tokens_per_s"])
+        m["throughput/neupims/b32/tokens_per_s"] / m["throughput/npu/b32/tokens_per_s"])
     saved = json.loads((tmp_path / "tput" / "metrics.json").read_text())
-    assert saved["tput/gpu/b4/tokens_per_s"] == m["tput/gpu/b4/tokens_per_s"]
+    assert saved["throughput/gpu/b4/tokens_per_s"] == m["throughput/gpu/b4/tokens_per_s"]
     cal = execute("simulate", run_simulate, _cfg(tmp_path, "sim.task=calibration"),
                   tmp_path / "cal")
-    assert cal["calsum/heldout/kernels"] == 9
+    assert cal["calibration_summary/heldout/kernels"] == 9
     speed = execute("simulate", run_simulate,
                     _cfg(tmp_path, "sim.task=speed", "sim.speed.iterations=3",
                          "sim.speed.repeats=1", "sim.systems=[neupims]"), tmp_path / "speed")

@@ -1,4 +1,4 @@
-"""The kv_eval stage's config handling: the policies and budgets it plans, and its errors."""
+"""The kv_evict_eval stage's config handling: the policies and budgets it plans, and its errors."""
 
 from __future__ import annotations
 
@@ -34,6 +34,6 @@ def test_bad_method_configs_stop_with_one_clear_line(overrides, message):
 
 
 def test_an_eval_without_a_kv_task_is_refused():
-    proc = run_stage("kv_eval", "experiment=keyformer", "eval=perplexity", "scale=smoke")
+    proc = run_stage("kv_evict_eval", "experiment=keyformer", "eval=perplexity", "scale=smoke")
     assert proc.returncode == 1
     assert "has no KV task" in proc.stderr and "eval=kv_summarization" in proc.stderr

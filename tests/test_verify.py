@@ -120,7 +120,7 @@ def test_snakemake_verify_finds_no_drift_then_a_tampered_metric(tmp_path: Path):
                       and r.config["sim"]["study"] == "main")
     record = results / "runs" / "neupims" / throughput / "metrics.json"
     metrics = json.loads(record.read_text())
-    key = next(k for k in metrics if k.startswith("tput/") and k.endswith("/tokens_per_s"))
+    key = next(k for k in metrics if k.startswith("throughput/") and k.endswith("/tokens_per_s"))
     metrics[key] *= 1.5
     record.write_text(json.dumps(metrics))
     again = snakemake("verify", *config)

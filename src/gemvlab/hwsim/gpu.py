@@ -128,18 +128,19 @@ def calibration_metrics(model: GPUModel, fit_set: list[Measurement],
         for m in group:
             pred = predict(model, m)
             rel = pred / m.ns - 1.0
-            base = f"cal/{m.op}/b{m.batch}"
+            base = f"calibration/{m.op}/b{m.batch}"
             metrics.update({f"{base}/measured_us": m.ns / 1e3, f"{base}/predicted_us": pred / 1e3,
                             f"{base}/rel_err": rel, f"{base}/heldout": float(name == "heldout"),
                             f"{base}/batch": float(m.batch)})
             errors[name].append(abs(rel))
     for name, values in errors.items():
         if values:
-            metrics[f"calsum/{name}/median_abs_rel_err"] = float(np.median(values))
-            metrics[f"calsum/{name}/max_abs_rel_err"] = float(np.max(values))
-            metrics[f"calsum/{name}/kernels"] = float(len(values))
-    metrics.update({"calfit/e_compute": model.e_compute, "calfit/e_memory": model.e_memory,
-                    "calfit/e_attention": model.e_attention,
-                    "calfit/overhead_us": model.overhead_ns / 1e3,
-                    "calfit/attention_overhead_us": model.attention_overhead_ns / 1e3})
+            metrics[f"calibration_summary/{name}/median_abs_rel_err"] = float(np.median(values))
+            metrics[f"calibration_summary/{name}/max_abs_rel_err"] = float(np.max(values))
+            metrics[f"calibration_summary/{name}/kernels"] = float(len(values))
+    metrics.update({"calibration_fit/e_compute": model.e_compute,
+                    "calibration_fit/e_memory": model.e_memory,
+                    "calibration_fit/e_attention": model.e_attention,
+                    "calibration_fit/overhead_us": model.overhead_ns / 1e3,
+                    "calibration_fit/attention_overhead_us": model.attention_overhead_ns / 1e3})
     return metrics

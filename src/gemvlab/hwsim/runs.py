@@ -2,11 +2,12 @@
 run.
 
 ``sim.task=throughput``: every system of ``sim.systems`` at every batch of ``sim.batches`` over
-one trace; metrics ``tput/<system>/b<batch>/{tokens_per_s,iteration_us,batch,iterations,
-tokens,completed}``, ``util/<system>/b<batch>/{npu_busy,pim_busy,overlap,batch}`` and
-``speedup/<baseline>/b<batch>/{neupims_over,batch}``.
-``sim.task=calibration``: the GPU model fitted on the measured kernels (``cal/...``,
-``calsum/<split>/...``, ``calfit/...``). ``sim.task=speed``: the simulator's own wall time
+one trace; metrics ``throughput/<system>/b<batch>/{tokens_per_s,iteration_us,batch,
+iterations,tokens,completed}``, ``util/<system>/b<batch>/{npu_busy,pim_busy,overlap,batch}``
+and ``speedup/<baseline>/b<batch>/{neupims_over,batch}``.
+``sim.task=calibration``: the GPU model fitted on the measured kernels
+(``calibration/<op>/b<batch>/...``, ``calibration_summary/<split>/...``,
+``calibration_fit/...``). ``sim.task=speed``: the simulator's own wall time
 (``simspeed/<system>/{wall_s,iterations_per_s}``, medians over repeats).
 """
 
@@ -79,12 +80,13 @@ def trace_requests(sim: Mapping[str, Any], batch: int, iterations: int,
 
 def _result_metrics(r: SimResult) -> dict[str, float]:
     base = f"b{r.batch}"
-    metrics = {f"tput/{r.system}/{base}/tokens_per_s": r.tokens_per_s,
-               f"tput/{r.system}/{base}/iteration_us": r.time_ns / max(r.iterations, 1) / 1e3,
-               f"tput/{r.system}/{base}/batch": float(r.batch),
-               f"tput/{r.system}/{base}/iterations": float(r.iterations),
-               f"tput/{r.system}/{base}/tokens": float(r.tokens),
-               f"tput/{r.system}/{base}/completed": float(r.completed)}
+    tput = f"throughput/{r.system}/{base}"
+    metrics = {f"{tput}/tokens_per_s": r.tokens_per_s,
+               f"{tput}/iteration_us": r.time_ns / max(r.iterations, 1) / 1e3,
+               f"{tput}/batch": float(r.batch),
+               f"{tput}/iterations": float(r.iterations),
+               f"{tput}/tokens": float(r.tokens),
+               f"{tput}/completed": float(r.completed)}
     if r.system != "gpu":  # the GPU model has no NPU or PIM to be busy
         time_ns = r.time_ns or 1.0
         metrics.update({f"util/{r.system}/{base}/npu_busy": r.npu_busy_ns / time_ns,

@@ -1,13 +1,19 @@
-"""Re-key committed run records after a config move, never by rerunning or by hand.
+"""Re-key committed run records after a config move or a rename, never by rerunning or by hand.
 
 ``python -m gemvlab.results.migrate [--results DIR] [--dry-run]``: for every record under
 ``<results>/runs/<experiment>/<run_id>/``, find the one planned run (same experiment, scale and
-stage) whose resolved config equals the record's apart from moved keys, prove it, and move the
-record to that run's run_id: its config.yaml becomes the planned config and its provenance
-gains a ``migrations`` entry saying what moved. Metrics are never touched.
+stage, the stage under its current name) whose resolved config equals the record's apart from
+moved keys, prove it, and move the record to that run's run_id: its config.yaml becomes the
+planned config and its provenance gains a ``migrations`` entry saying what moved. Metric values
+are never touched; their keys only where a prefix was renamed.
 
 Moves it accepts (the only ones): a per-scale mapping ({smoke: .., cpu: ..}) now holding just
-the record's scale's value, and a ``<key>_by_scale`` mapping gone beside its ``<key>``.
+the record's scale's value, a ``<key>_by_scale`` mapping gone beside its ``<key>``, a stage
+renamed in ``RENAMED_STAGES`` (the run_id, provenance ``stage`` and config ``experiment.stage``
+follow) and a metric prefix (a key's first ``/`` segment) renamed in ``RENAMED_METRICS`` for
+the record's stage (metrics.json's keys renamed, values bit-identical; the entry's
+``renamed_metrics`` says which prefixes). A record whose only change is a metric rename keeps
+its folder and its config.yaml.
 """
 
 from __future__ import annotations
@@ -29,6 +35,16 @@ from gemvlab.files import atomic_write_json, atomic_write_text
 
 # Keys that never enter a run_id, so they are neither compared nor proved.
 _BOOKKEEPING = ("logger", "paths", "threads", "hub_online", "hydra", "experiment")
+
+# Stages renamed since records were written: old name -> current name (issue 19).
+RENAMED_STAGES: dict[str, str] = {"kv_eval": "kv_evict_eval", "kvq_eval": "kv_quant_eval"}
+
+# Metric prefixes renamed, per stage (current name): old first key segment -> new (issue 19).
+RENAMED_METRICS: dict[str, dict[str, str]] = {
+    "kv_quant_eval": {"q": "continuation", "pk": "passkey", "mem": "cache"},
+    "simulate": {"cal": "calibration", "calsum": "calibration_summary",
+                 "calfit": "calibration_fit", "tput": "throughput"},
+}
 
 
 def moves(old: Any, new: Any, scale: str, scales: set[str], where: str = "") -> list[str] | None:
@@ -65,6 +81,24 @@ def moves(old: Any, new: Any, scale: str, scales: set[str], where: str = "") -> 
             found += inner
         return found
     return [] if old == new else None
+
+
+def rename_metrics(metrics: Mapping[str, Any], stage: str) -> tuple[dict[str, Any], list[str]]:
+    """``metrics`` with the renamed prefixes of ``stage`` applied (values untouched, order
+    kept), and the renames that applied ("old/ -> new/")."""
+    renames = RENAMED_METRICS.get(stage, {})
+    out: dict[str, Any] = {}
+    used: set[str] = set()
+    for key, value in metrics.items():
+        head, sep, rest = key.partition("/")
+        if sep and head in renames:
+            used.add(head)
+            key = f"{renames[head]}/{rest}"
+        if key in out:
+            raise GemvlabError(f"metric {key!r} would be written twice: the old and the new "
+                               "name of a renamed prefix are both in the record")
+        out[key] = value
+    return out, [f"{old}/ -> {renames[old]}/" for old in sorted(used)]
 
 
 def _computed(plain: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,18 +142,23 @@ def migrate(results: Path, dry_run: bool = False) -> list[dict[str, Any]]:
         if run_id(record, stage) != folder.name:
             raise GemvlabError(f"{folder}: its config hashes to {run_id(record, stage)}, not its "
                                "folder name; it was edited, so it cannot be migrated")
+        new_stage = RENAMED_STAGES.get(stage, stage)
         exp, scale = folder.parent.name, record["scale"]["name"]
         if (exp, scale) not in plans:
             plans[exp, scale] = plan_experiment(exp, [f"scale={scale}",
                                                       f"paths.results={results}"])
-        run, moved = match(record, stage, plans[exp, scale], scales)
-        if run.run_id == folder.name:
+        run, moved = match(record, new_stage, plans[exp, scale], scales)
+        if new_stage != stage:
+            moved = [f"stage {stage} -> {new_stage}", *moved]
+        old_metrics = json.loads((folder / "metrics.json").read_text())
+        metrics, renamed = rename_metrics(old_metrics, new_stage)
+        if run.run_id == folder.name and not renamed:
             continue
         target = folder.parent / run.run_id
-        if target.exists():
+        if target != folder and target.exists():
             raise GemvlabError(f"{target} exists already: cannot move {folder} there")
         entry = {"experiment": exp, "from_run_id": folder.name, "to_run_id": run.run_id,
-                 "moved": moved}
+                 "moved": moved, **({"renamed_metrics": renamed} if renamed else {})}
         done.append(entry)
         if dry_run:
             continue
@@ -128,9 +167,13 @@ def migrate(results: Path, dry_run: bool = False) -> list[dict[str, Any]]:
             **entry, "by": "python -m gemvlab.results.migrate", "git_sha": _git_sha(),
             "at": datetime.now(UTC).isoformat()})
         prov["run_id"] = run.run_id
-        folder.rename(target)
-        atomic_write_text(target / "config.yaml",
-                          yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        prov["stage"] = new_stage
+        if target != folder:  # a metrics-only rename leaves the config as it was run
+            folder.rename(target)
+            atomic_write_text(target / "config.yaml",
+                              yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        if renamed:
+            atomic_write_json(target / "metrics.json", metrics)
         atomic_write_json(target / "provenance.json", prov)
     return done
 
@@ -145,9 +188,10 @@ def main() -> None:
     except GemvlabError as exc:
         sys.exit(f"gemvlab migrate: error: {exc}")
     for entry in done:
+        what = [*entry["moved"], *(f"metrics {r}" for r in entry.get("renamed_metrics", []))]
         print(f"{entry['experiment']}: {entry['from_run_id']} -> {entry['to_run_id']} "
-              f"({'; '.join(entry['moved'])})")
-    print(f"{len(done)} record(s) {'would move' if args.dry_run else 'moved'}")
+              f"({'; '.join(what)})")
+    print(f"{len(done)} record(s) {'would be migrated' if args.dry_run else 'migrated'}")
 
 
 if __name__ == "__main__":

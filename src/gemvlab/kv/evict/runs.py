@@ -1,5 +1,5 @@
-"""Runners of KV-cache eviction: stage kv_eval (every KV-cache policy at every budget on one
-task, in one run) and the decode-speed benchmark (stage bench, ``bench.kind: kv``).
+"""Runners of KV-cache eviction: stage kv_evict_eval (every KV-cache policy at every budget on
+one task, in one run) and the decode-speed benchmark (stage bench, ``bench.kind: kv``).
 
 Tasks (``eval.kv.task``): summarization (ROUGE of each policy's summary against the full
 cache's, or against reference summaries for hub datasets), coqa (F1 and exact match),
@@ -344,8 +344,8 @@ _TASK_FNS = {"summarization": summarization_metrics, "coqa": coqa_metrics,
              "perplexity": perplexity_metrics}
 
 
-@runner("kv_eval", "kv_policies", timed=("load_s", "eval_s", "peak_rss_mb"))
-def kv_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+@runner("kv_evict_eval", "kv_policies", timed=("load_s", "eval_s", "peak_rss_mb"))
+def kv_evict_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from gemvlab.eval.guards import finite_outputs

@@ -1,15 +1,15 @@
-"""Runners of KV-cache quantization. Stage kvq_eval: every KV-cache quantizer (full precision,
-KIVI, CommVQ) on one task.
+"""Runners of KV-cache quantization. Stage kv_quant_eval: every KV-cache quantizer (full
+precision, KIVI, CommVQ) on one task.
 
 Tasks (``eval.kvq.task``): quality (perplexity of a continuation through the quantized cache,
 and the bytes that cache holds), passkey (retrieval of a number hidden at several depths),
 mse (reconstruction error of keys and values per layer). Each prompt is prefilled once in full
 precision and the cache forked per setting, so all settings see the same prompt pass.
 
-Metrics: ``q/<setting>/<context>/<measure>`` (perplexity) with
-``mem/<setting>/<context>/<measure>`` (the bytes the cache holds after the prefix),
-``pk/<setting>/<length>/<depth %>/correct`` with ``pk/<setting>/<length>/all/accuracy``
-and ``pk/<setting>/all/all/accuracy``, and
+Metrics: ``continuation/<setting>/<context>/<measure>`` (perplexity) with
+``cache/<setting>/<context>/<measure>`` (the bytes the cache holds after the prefix),
+``passkey/<setting>/<length>/<depth %>/correct`` with
+``passkey/<setting>/<length>/all/accuracy`` and ``passkey/<setting>/all/all/accuracy``, and
 ``mse/<setting>/<layer>/<key|value>`` with ``mse/<setting>/all/<key|value>`` (layer mean).
 
 The codebooks are artifacts of two stages of their own, made before the runs that need them:
@@ -143,11 +143,11 @@ def quality_metrics(model, tokenizer, cfg, codecs, resources, bar) -> dict[str, 
             cache = shared.fork(codec)
             measures = _cache_measures(cache, prefix, *shape)
             nll, count = continuation_nll(model, cache, text, prefix, chunk)
-            base = f"q/{name}/{context}"
+            base = f"continuation/{name}/{context}"
             metrics[f"{base}/ppl"] = math.exp(nll / count)
             metrics[f"{base}/nll"] = nll / count
             metrics[f"{base}/scored_tokens"] = count
-            metrics.update({f"mem/{name}/{context}/{k}": v for k, v in measures.items()})
+            metrics.update({f"cache/{name}/{context}/{k}": v for k, v in measures.items()})
             bar.update()
     return metrics
 
@@ -191,7 +191,7 @@ def passkey_metrics(model, tokenizer, cfg, codecs, resources, bar) -> dict[str, 
                                 int(pcfg.new_tokens), stops=[])
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 ok = float(answer_correct(text, key))
-                metrics[f"pk/{name}/{length}/{round(depth * 100)}/correct"] = ok
+                metrics[f"passkey/{name}/{length}/{round(depth * 100)}/correct"] = ok
                 correct.setdefault((name, length), []).append(ok)
                 log.info("passkey %s len %d depth %.2f key %s -> %r", name, length, depth, key,
                          text)
@@ -199,10 +199,10 @@ def passkey_metrics(model, tokenizer, cfg, codecs, resources, bar) -> dict[str, 
     for name in codecs:
         every = []
         for length in lengths:
-            metrics[f"pk/{name}/{length}/all/accuracy"] = statistics.fmean(
+            metrics[f"passkey/{name}/{length}/all/accuracy"] = statistics.fmean(
                 correct[(name, length)])
             every += correct[(name, length)]
-        metrics[f"pk/{name}/all/all/accuracy"] = statistics.fmean(every)
+        metrics[f"passkey/{name}/all/all/accuracy"] = statistics.fmean(every)
     return metrics
 
 
@@ -265,9 +265,9 @@ def collected_artifacts(plain) -> list[Artifact]:
                      mem_mb=8000, runtime_min=30)]
 
 
-@runner("kvq_eval", "kv_quantizers", artifacts=codebook_artifacts,
+@runner("kv_quant_eval", "kv_quantizers", artifacts=codebook_artifacts,
         timed=("load_s", "eval_s", "peak_rss_mb"))
-def kvq_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
+def kv_quant_eval(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from gemvlab.eval.guards import finite_outputs
