@@ -41,6 +41,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return ExperimentsTogether(config, log)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def plan_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One plan cache (gemvlab.plan_cache) for the session, shared by the xdist workers and
+    the Snakemake processes the tests start, never the user's."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "plans"
+    os.environ["GEMVLAB_PLAN_CACHE"] = str(folder)
+    return folder
+
+
 def run_stage(stage: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a stage as a user would, from the repo root: `python -m gemvlab.stages <stage>`
     for run stages, `python -m gemvlab.stages.<stage>` for fetch_model, fetch_data, tables,

@@ -173,7 +173,56 @@ def plan_experiment(experiment: str, extra: Sequence[str] = (), user: Sequence[s
     """Every run an experiment declares, resolved: the DAG's leaves and the tables' rows.
     ``extra`` reaches every run; ``user`` (global overrides) only the runs that ``reads`` says
     read the key each sets, so an override of ``eval`` leaves a simulation's run_id alone (and
-    one of a key the experiment does not have, such as ``hw`` for an evaluation, no run)."""
+    one of a key the experiment does not have, such as ``hw`` for an evaluation, no run).
+    Plans are cached on disk (gemvlab.plan_cache) under a key of everything they depend on."""
+    from gemvlab import plan_cache
+
+    folder = plan_cache.cache_dir(REPO_ROOT)
+    cacheable = folder is not None and _from_gemvlab(reads)
+    if cacheable:
+        args = {"experiment": experiment, "extra": list(extra), "user": list(user),
+                "reads": reads and f"{reads.__module__}.{reads.__qualname__}"}
+        key = plan_cache.plan_key(args, [conf_dir(), EXPERIMENTS_DIR],
+                                  Path(__file__).resolve().parent)
+        cached = plan_cache.load(folder, key, _runs_hash_to_their_ids)
+        if cached is not None:
+            return [_planned_run(run) for run in cached]
+    runs = _plan_experiment(experiment, extra, user, reads)
+    if cacheable:
+        plan_cache.store(folder, key, [_plain_run(run) for run in runs])
+    return runs
+
+
+def _from_gemvlab(reads: ReadKeys | None) -> bool:
+    """Whether what decides a plan is all gemvlab's source (in the cache key): ``reads`` and
+    every registered runner (a test may register its own)."""
+    if reads is None:
+        return True
+    from gemvlab.registry import load_runners
+
+    modules = [reads.__module__, *(r.run.__module__ for r in load_runners().values())]
+    return all(m.startswith("gemvlab.") for m in modules)
+
+
+def _plain_run(run: PlannedRun) -> dict:
+    return {"experiment": run.experiment, "stage": run.stage, "run_id": run.run_id,
+            "overrides": list(run.overrides), "config": run.config, "unread": list(run.unread)}
+
+
+def _planned_run(run: dict) -> PlannedRun:
+    return PlannedRun(run["experiment"], run["stage"], run["run_id"], tuple(run["overrides"]),
+                      run["config"], tuple(run["unread"]))
+
+
+def _runs_hash_to_their_ids(runs: list[dict]) -> bool:
+    try:
+        return all(run_id(run["config"], run["stage"]) == run["run_id"] for run in runs)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def _plan_experiment(experiment: str, extra: Sequence[str], user: Sequence[str],
+                     reads: ReadKeys | None) -> list[PlannedRun]:
     keys = set(to_plain(compose([f"experiment={experiment}", *extra])))
     absent = unread_overrides(user, keys)
     user = [o for o in user if o not in absent]

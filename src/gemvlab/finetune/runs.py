@@ -19,9 +19,8 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
@@ -30,6 +29,9 @@ from gemvlab.errors import GemvlabError
 from gemvlab.registry import MODEL_RUN_TIMED, runner
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.stage import StageContext
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ class _Memory:
         self.before = peak_rss_mb()
 
     def start(self) -> None:
+        import torch
+
         from gemvlab.results.provenance import reset_peak_rss
 
         if self.device.type == "cuda":
@@ -92,6 +96,8 @@ class _Memory:
                         "loading the model")
 
     def peak_mb(self) -> float:
+        import torch
+
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return peak_rss_mb()

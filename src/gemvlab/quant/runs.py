@@ -6,8 +6,8 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from gemvlab.data import data_dir
@@ -16,6 +16,9 @@ from gemvlab.files import atomic_write_text
 from gemvlab.registry import MODEL_RUN_TIMED, runner
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.stage import StageContext
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ def calibration_batches(tokenizer, cfg: DictConfig, resources: Path,
 def weight_only_metrics(model: torch.nn.Module, tokenizer, cfg: DictConfig,
                         resources: Path) -> dict[str, float]:
     """Quantize the weights with method.kind rtn/gptq/glvq; bits per weight as stored."""
+    import torch
     from omegaconf import OmegaConf
     from tqdm.auto import tqdm
 

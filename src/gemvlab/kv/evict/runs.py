@@ -20,8 +20,8 @@ import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
@@ -30,6 +30,9 @@ from gemvlab.errors import GemvlabError
 from gemvlab.registry import runner
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.stage import StageContext
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,8 @@ class _Sums:
 
 def _ids(tokenizer, text: str, device: torch.device) -> torch.Tensor:
     """Token ids with BOS first for tokenizers that use one (a chat template may hold it)."""
+    import torch
+
     from gemvlab.eval.perplexity import bos_token_id
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
@@ -181,6 +186,8 @@ def coqa_metrics(model, tokenizer, cfg, all_settings, resources, bar):
 
 
 def perplexity_metrics(model, tokenizer, cfg, all_settings, resources, bar):
+    import torch
+
     from gemvlab.data import read_texts
     from gemvlab.eval.perplexity import corpus_ids
     from gemvlab.kv.evict.generate import continuation_steps, score_continuation
@@ -216,6 +223,8 @@ def perplexity_metrics(model, tokenizer, cfg, all_settings, resources, bar):
 
 
 def attention_mass_metrics(model, tokenizer, cfg, resources) -> dict[str, float]:
+    import torch
+
     from gemvlab.eval.kv_tasks import austen_passages, summarization_prompt
     from gemvlab.kv.evict.analysis import attention_concentration
 
@@ -291,6 +300,8 @@ def _kvpress_outputs(cfg, items, budgets: list[float], new: int, stops: list[int
 def peer_metrics(model, tokenizer, cfg, resources, bar) -> dict[str, float]:
     """F1 / EM of our prompt-only policies and kvpress's presses on the same CoQA prompts, and
     the share of items on which a pair generates the very same tokens."""
+    import torch
+
     from gemvlab.eval.kv_tasks import coqa_items, first_line, qa_exact_match, qa_f1
     from gemvlab.kv.evict.generate import decode, fork, prefill
     from gemvlab.kv.evict.policies import KVPolicy

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gemvlab.errors import GemvlabError
 from gemvlab.files import atomic_path, atomic_write_text, sha256_bytes, sha256_file
-from gemvlab.kv.quant.commvq import KeyCodebook, ValueCodec
+
+if TYPE_CHECKING:
+    import torch
+
+    from gemvlab.kv.quant.commvq import KeyCodebook, ValueCodec
 
 KV_FILE = "kv.safetensors"
 CODEBOOK_FILE = "codebooks.safetensors"
@@ -75,6 +77,7 @@ def load_tensors(path: Path, hint: str) -> tuple[dict[str, torch.Tensor], dict[s
 
 def save_codebooks(path: Path, books: list[KeyCodebook], values: dict[int, list[ValueCodec]],
                    meta: dict[str, Any]) -> None:
+    import torch
     tensors = {f"key.{i}": torch.view_as_real(b.theta) for i, b in enumerate(books)}
     for bits, codecs in values.items():
         for i, codec in enumerate(codecs):
@@ -87,6 +90,10 @@ def save_codebooks(path: Path, books: list[KeyCodebook], values: dict[int, list[
 
 def load_codebooks(path: Path, hint: str) -> tuple[list[KeyCodebook], dict[int, list[ValueCodec]],
                                                    dict[str, Any]]:
+    import torch
+
+    from gemvlab.kv.quant.commvq import KeyCodebook, ValueCodec
+
     tensors, meta = load_tensors(path, hint)
     books = [KeyCodebook(torch.view_as_complex(tensors[f"key.{i}"].contiguous()))
              for i in range(meta["layers"])]

@@ -28,8 +28,8 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from gemvlab.bench.kinds import bench_kind, bench_on_cuda, require_device
@@ -48,6 +48,9 @@ from gemvlab.kv.quant.codebooks import (
 from gemvlab.registry import Artifact, runner
 from gemvlab.results.provenance import peak_rss_mb
 from gemvlab.stage import StageContext
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +210,8 @@ def passkey_metrics(model, tokenizer, cfg, codecs, resources, bar) -> dict[str, 
 
 
 def mse_metrics(model, tokenizer, cfg, codecs, resources, bar) -> dict[str, float]:
+    import torch
+
     from gemvlab.kv.quant.commvq import from_pairs, to_pairs
     from gemvlab.kv.quant.quant_cache import collect, model_rotation
 
@@ -324,6 +329,7 @@ def kv_collect(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         timed=("*_train_s",))
 def kv_train(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     """CommVQ's key codebooks and value codecs from the collected KV, with training errors."""
+    import torch
     from tqdm.auto import tqdm
 
     from gemvlab.kv.quant import commvq
