@@ -7,7 +7,15 @@ import math
 import pytest
 
 from gemvlab.errors import GemvlabError
-from gemvlab.results.drift import compare_cell, counts, drift_table, render_markdown, summary_line
+from gemvlab.results.drift import (
+    compare_cell,
+    counts,
+    drift_table,
+    drifting_lines,
+    main,
+    render_markdown,
+    summary_line,
+)
 from gemvlab.results.tables import Record
 
 # A long table (one row per run and system) with a wall-clock column, as neupims' throughput.
@@ -112,3 +120,21 @@ def test_compare_cell():
     assert compare_cell(0.0, 1e-9, 0.5) == (1e-9, math.inf, "drift")  # a zero that moved
     assert compare_cell(4.0, 3.0, 0.25) == (1.0, 0.25, "within tolerance")
     assert compare_cell(math.nan, 3.0, 0.0)[2] == "missing in committed"
+
+
+def test_drifting_lines_name_each_table_with_drift(tmp_path):
+    clean = drift_table(COMMITTED, fresh(*COMMITTED), {"throughput": SPEC}, {})
+    moved = drift_table(COMMITTED, fresh(record("r1", "7b", **{"throughput/pim/tokens_per_s":
+                                                                  301.0}), COMMITTED[1]),
+                        {"throughput": SPEC}, {})
+    clean.to_csv(tmp_path / "a.csv", index=False)
+    moved.to_csv(tmp_path / "b.csv", index=False)
+    (tmp_path / "c.csv").write_text("a,b\n1,2\n")
+    assert drifting_lines([tmp_path / "a.csv"]) == []
+    assert drifting_lines([tmp_path / "a.csv", tmp_path / "b.csv"]) == [
+        f"b: 1 of {len(moved)} cells drift: see {tmp_path / 'b.md'}"]
+    with pytest.raises(GemvlabError, match="not a drift table"):
+        drifting_lines([tmp_path / "c.csv"])
+    with pytest.raises(SystemExit, match="1"):
+        main([str(tmp_path / "b.csv")])
+    main([str(tmp_path / "a.csv")])  # no drift: returns

@@ -93,7 +93,7 @@ def test_the_drift_stage_lists_a_gpu_record_as_not_rerun(tmp_path: Path, no_cuda
 def test_snakemake_verify_finds_no_drift_then_a_tampered_metric(tmp_path: Path):
     """neupims' smoke records made, then verified: its simulations are deterministic, so no
     untimed cell drifts though the simulator's wall times do; then one committed metric is
-    changed by hand, and verify names that cell (the fresh records are reused)."""
+    changed by hand, and verify names that cell and fails (the fresh records are reused)."""
     results = tmp_path / "results"
     cfg = {"scale": "smoke", "experiments": "neupims", "results": str(results),
            "resources": str(tmp_path / "resources"), "overrides": "logger=none"}
@@ -124,7 +124,9 @@ def test_snakemake_verify_finds_no_drift_then_a_tampered_metric(tmp_path: Path):
     metrics[key] *= 1.5
     record.write_text(json.dumps(metrics))
     again = snakemake("verify", *config)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode != 0, again.stderr[-3000:]  # a drift fails verify, after its tables
+    assert f"gemvlab verify: neupims: 1 of {cells} cells drift: see " \
+           f"{results}/drift/neupims.md" in again.stderr
     assert not re.search(r"^simulate\s", again.stdout + again.stderr, re.M)  # fresh ones reused
     assert SUMMARY.search(again.stderr).groups() == (str(cells), "1")
     table = pd.read_csv(results / "drift" / "neupims.csv")

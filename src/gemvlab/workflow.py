@@ -277,6 +277,11 @@ class Workflow:
                  for ext in ("csv", "md")]
         return [*fresh, *drift, self.verify_report_file]
 
+    @property
+    def drift_tables(self) -> list[str]:
+        """Each planned experiment's drift table (what `snakemake verify` checks last)."""
+        return [f"{self.results}/drift/{exp}.csv" for exp in self.experiments]
+
     def drift_args(self, wildcards: Any) -> str:
         """The drift stage's view of a verify: the plan's runs, the folder they were rerun
         into, and those left out with why, as [run_id, reason] pairs."""

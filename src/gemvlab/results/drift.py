@@ -11,7 +11,9 @@ largest relative difference) allows some; a column it does not name must come ba
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import pandas as pd
 
@@ -145,3 +147,37 @@ def render_markdown(experiment: str, table: pd.DataFrame, summary: str) -> str:
     body = to_markdown(shown) if len(shown) else "Every compared cell came back identical.\n"
     return (f"# Drift of {experiment}: committed records against a rerun\n\n{summary}\n\n"
             f"{NOTE}\n\n{body}")
+
+
+def drifting_lines(tables: Sequence[Path]) -> list[str]:
+    """One line per drift table (results/drift/<experiment>.csv) with cells that drift."""
+    lines = []
+    for path in tables:
+        try:
+            status = pd.read_csv(path, usecols=["status"])["status"].astype(str)
+        except (OSError, ValueError) as exc:
+            raise GemvlabError(f"{path}: not a drift table ({exc}); rerun snakemake verify") \
+                from exc
+        drifting = int(status.isin(DRIFTING).sum())
+        if drifting:
+            lines.append(f"{path.stem}: {drifting} of {len(status)} cells drift: see "
+                         f"{path.with_suffix('.md')}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m gemvlab.results.drift <drift csv>...`: the last step of `snakemake verify`,
+    which fails when a rerun did not give the committed numbers back."""
+    tables = [Path(a) for a in (sys.argv[1:] if argv is None else argv)]
+    try:
+        lines = drifting_lines(tables)
+    except GemvlabError as exc:
+        sys.exit(f"gemvlab verify: error: {exc}")
+    for line in lines:
+        print(f"gemvlab verify: {line}", file=sys.stderr)
+    if lines:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
