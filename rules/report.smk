@@ -22,6 +22,9 @@ rule tables:
         common=W.common_args,
         run_ids=W.run_id_list,
         record=lambda w: f"{W.results}/reports/tables-{w.experiment}",
+        # Unused by the command: a new requirements.lock changes this param, and Snakemake then
+        # rebuilds the tables, whose `lock` column compares each record with the lock.
+        lock=W.lock_sha256,
     # Seconds of work: on a cluster, not worth a job's queueing and status polling.
     localrule: True
     threads: 1

@@ -138,3 +138,10 @@ def test_drifting_lines_name_each_table_with_drift(tmp_path):
     with pytest.raises(SystemExit, match="1"):
         main([str(tmp_path / "b.csv")])
     main([str(tmp_path / "a.csv")])  # no drift: returns
+
+
+def test_a_rerun_at_another_commit_or_lock_is_no_drift():
+    later = {"git_sha": "1111111111aaaa", "git_dirty": True, "lock_sha256": "another"}
+    rerun = [Record(r.run_id, r.config, r.metrics, later) for r in COMMITTED]
+    table = drift_table(COMMITTED, fresh(*rerun), {"throughput": SPEC}, {})
+    assert set(table["status"]) == {"same"} and not {"commit", "lock"} & set(table["column"])

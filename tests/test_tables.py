@@ -75,7 +75,8 @@ def test_wide_table_values_and_column_order(records):
         "metrics": ["ppl_austen", "tokens_austen", "wall_s"],
     }
     df = build_table(records, spec)
-    assert list(df.columns) == ["run_id", "model", "scale", "ppl_austen", "tokens_austen", "wall_s"]
+    assert list(df.columns) == ["run_id", "commit", "lock", "model", "scale", "ppl_austen",
+                                "tokens_austen", "wall_s"]
     assert list(df["run_id"]) == ["run-a", "run-b"]  # gemma3 < smollm2
     assert list(df["model"]) == ["gemma3-270m", "smollm2-135m"]
     assert list(df["ppl_austen"]) == [METRICS_A["ppl_austen"], METRICS_B["ppl_austen"]]
@@ -103,7 +104,8 @@ def test_pattern_table_rows_and_columns(tmp_path: Path):
         recs, {"columns": {"model": "model.name"}, "pattern": "lmeval/{task}/{metric}"}
     )
     # Metric columns in first-seen order across records.
-    assert list(df.columns) == ["run_id", "model", "task", "acc_stderr", "acc", "n"]
+    assert list(df.columns) == ["run_id", "commit", "lock", "model", "task", "acc_stderr", "acc",
+                                "n"]
     # Sorted by model, then task.
     got = [tuple(row) for row in df[["run_id", "model", "task"]].itertuples(index=False)]
     assert got == [
@@ -190,10 +192,30 @@ def test_markdown_parses(records):
     df.loc[0, "model"] = "a|b"
     rows = parse_markdown(to_markdown(df))
     assert rows[0] == list(df.columns)
-    assert rows[1] == ["---", "---", "---:", "---:", "---:"]
+    assert rows[1] == ["---", "---", "---", "---", "---:", "---:", "---:"]
     assert len(rows) - 2 == len(df)
-    assert rows[2] == ["run-a", "a|b", "21.3", "16384", "80.1"]
-    assert rows[3] == ["run-b", "smollm2-135m", "35.25", "8192", ""]  # NaN is empty
+    assert rows[2] == ["run-a", "unknown", "unrecorded", "a|b", "21.3", "16384", "80.1"]
+    assert rows[3] == ["run-b", "unknown", "unrecorded", "smollm2-135m", "35.25", "8192", ""]
+
+
+def test_each_row_names_the_commit_and_lock_its_record_was_made_under(tmp_path: Path):
+    made = {"a": {"git_sha": "0123456789abcdef", "git_dirty": False, "lock_sha256": "L1"},
+            "b": {"git_sha": "fedcba9876543210", "git_dirty": True, "lock_sha256": "L0"},
+            "c": {"git_sha": "0123456789abcdef", "git_dirty": False}}
+    recs = []
+    for rid, prov in made.items():
+        folder = write_record(tmp_path, rid, f"m{rid}", "cpu", {"ppl": 2.0})
+        (folder / "provenance.json").write_text(json.dumps(prov))
+        recs.append(load_record(folder))
+    df = build_table(recs, {"columns": {"model": "model.name"}, "metrics": ["ppl"]}, "L1")
+    assert df[["run_id", "commit", "lock"]].values.tolist() == [
+        ["a", "0123456789", "current"], ["b", "fedcba9876+dirty", "other"],
+        ["c", "0123456789", "unrecorded"]]
+    (tmp_path / "results/runs/baseline/a/provenance.json").write_text("[1]")
+    with pytest.raises(GemvlabError, match="provenance.json is damaged, not a mapping"):
+        load_record(tmp_path / "results/runs/baseline/a")
+    with pytest.raises(GemvlabError, match=r"more than one column the name\(s\) \['lock'\]"):
+        build_table(recs, {"columns": {"lock": "model.name"}, "metrics": ["ppl"]})
 
 
 @pytest.mark.parametrize(

@@ -277,6 +277,14 @@ class Workflow:
                  for ext in ("csv", "md")]
         return [*fresh, *drift, self.verify_report_file]
 
+    @cached_property
+    def lock_sha256(self) -> str:
+        """The sha256 of requirements.lock ("none" without one), which the tables show each
+        record's lock against."""
+        from gemvlab.results.source import lock_hash
+
+        return lock_hash() or "none"
+
     @property
     def drift_tables(self) -> list[str]:
         """Each planned experiment's drift table (what `snakemake verify` checks last)."""

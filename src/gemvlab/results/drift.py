@@ -3,9 +3,10 @@
 `snakemake verify` reruns an experiment's runs into a folder of their own; each of its tables is
 then built twice by build_table, from the committed records and from the fresh ones (a run that
 was not rerun keeps its committed record on both sides and is left out of the comparison). Every
-cell outside the row key, the config's `columns` and the spec's `timed` (wall-clock) columns is
-compared: the numbers two runs of one config must give again. A spec's `tolerance` (column ->
-largest relative difference) allows some; a column it does not name must come back exactly.
+cell outside the row key, the config's `columns`, the record's `commit` and `lock` and the
+spec's `timed` (wall-clock) columns is compared: the numbers two runs of one config must give
+again. A spec's `tolerance` (column -> largest relative difference) allows some; a column it
+does not name must come back exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 
 from gemvlab.errors import GemvlabError
 from gemvlab.results.tables import (
+    PROVENANCE_COLUMNS,
     RUN_ID,
     Record,
     build_table,
@@ -76,7 +78,8 @@ def compare_table(name: str, committed: pd.DataFrame, fresh: pd.DataFrame, spec:
     sides = [untimed(df.reindex(columns=columns), spec) for df in (committed, fresh)]
     key = row_key(spec)
     config = {str(c) for c in spec.get("columns") or {}}
-    compared = [c for c in sides[0].columns if c not in key and c not in config]
+    compared = [c for c in sides[0].columns
+                if c not in key and c not in config and c not in PROVENANCE_COLUMNS]
     if not compared:
         return []
     tol = tolerances(spec, compared)

@@ -8,6 +8,10 @@ the last, whose values become the metric columns). Optional `where` keeps the ro
 pandas query over the table's columns; optional `sort` lists the columns to sort by. Optional
 `timed` lists the wall-clock columns and `tolerance` (column -> relative difference) how far a
 rerun's value may be from the committed one (gemvlab.results.drift; exact by default).
+
+Every table also says, per row, what made its record: `commit` (the git commit, "+dirty" when
+the tree differed from it) and `lock` (whether the record was made under the current
+requirements.lock: "current", "other", or "unrecorded" for records older than the lock).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,8 @@ from gemvlab.errors import GemvlabError
 from gemvlab.files import atomic_write_text
 
 RUN_ID = "run_id"
+COMMIT, LOCK = "commit", "lock"
+PROVENANCE_COLUMNS = (COMMIT, LOCK)
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 
@@ -38,6 +44,7 @@ class Record:
     run_id: str
     config: dict
     metrics: dict[str, float]
+    provenance: dict = field(default_factory=dict)
 
 
 def read_tables(folder: Path) -> dict[str, pd.DataFrame]:
@@ -80,7 +87,32 @@ def load_record(run_dir: Path) -> Record:
     if not isinstance(config, dict):
         raise GemvlabError(f"run record {config_path} is damaged, not a mapping: {hint}")
     return Record(run_id=run_dir.name, config=config,
-                  metrics=_check_metrics(metrics_path, metrics, hint))
+                  metrics=_check_metrics(metrics_path, metrics, hint),
+                  provenance=_read_provenance(run_dir / "provenance.json", hint))
+
+
+def _read_provenance(path: Path, hint: str) -> dict:
+    """A record's provenance.json ({} when it has none)."""
+    if not path.is_file():
+        return {}
+    try:
+        provenance = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise GemvlabError(f"run record {path} is damaged, not readable JSON ({err}): "
+                           f"{hint}") from err
+    if not isinstance(provenance, dict):
+        raise GemvlabError(f"run record {path} is damaged, not a mapping: {hint}")
+    return provenance
+
+
+def made_by(record: Record, lock_sha256: str | None) -> dict[str, str]:
+    """The commit and the lock a record was made under, as a table shows them."""
+    prov = record.provenance
+    sha = str(prov.get("git_sha") or "unknown")
+    commit = sha[:10] + ("+dirty" if prov.get("git_dirty") else "")
+    made = prov.get("lock_sha256")
+    lock = "unrecorded" if not made else "current" if made == lock_sha256 else "other"
+    return {COMMIT: commit, LOCK: lock}
 
 
 def _check_metrics(path: Path, metrics: Any, hint: str) -> dict[str, float]:
@@ -97,8 +129,10 @@ def _check_metrics(path: Path, metrics: Any, hint: str) -> dict[str, float]:
     return checked
 
 
-def build_table(records: Sequence[Record], spec: Mapping) -> pd.DataFrame:
-    """Turn run records into one table as the spec says; the caller fixes the record order."""
+def build_table(records: Sequence[Record], spec: Mapping,
+                lock_sha256: str | None = None) -> pd.DataFrame:
+    """Turn run records into one table as the spec says; the caller fixes the record order.
+    ``lock_sha256``: the current lock file's, which the `lock` column compares records with."""
     columns = spec.get("columns") or {}
     if not isinstance(columns, Mapping):
         raise GemvlabError("table spec 'columns' must map output column names to config paths")
@@ -109,7 +143,9 @@ def build_table(records: Sequence[Record], spec: Mapping) -> pd.DataFrame:
         rows, placeholders, metric_cols = _wide_rows(records, columns, spec["metrics"])
     else:
         rows, placeholders, metric_cols = _long_rows(records, columns, spec["pattern"])
-    order = [RUN_ID, *columns, *placeholders, *metric_cols]
+    made = {rec.run_id: made_by(rec, lock_sha256) for rec in records}
+    rows = [{**row, **made[row[RUN_ID]]} for row in rows]
+    order = [RUN_ID, *PROVENANCE_COLUMNS, *columns, *placeholders, *metric_cols]
     clashes = sorted({name for name in order if order.count(name) > 1})
     if clashes:
         raise GemvlabError(f"table spec gives more than one column the name(s) {clashes}")

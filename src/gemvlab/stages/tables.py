@@ -25,6 +25,7 @@ def planned_run_ids(cfg: DictConfig) -> list[str]:
 @stage("tables")
 def tables(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
     from gemvlab.results.plots import write_plots
+    from gemvlab.results.source import lock_hash
     from gemvlab.results.tables import build_table, load_record, write_table
 
     exp = cfg.experiment.id
@@ -36,12 +37,13 @@ def tables(cfg: DictConfig, ctx: StageContext) -> dict[str, float]:
         raise GemvlabError(f"experiment {exp} declares no runs: add experiment.runs")
     out_dir = safe_child(results / "tables", exp, "experiment.id")
     metrics: dict[str, float] = {"runs": len(records)}
+    lock = lock_hash()
     built = {}
     # Built aside and swapped in at the end: a failure leaves the committed tables as they were.
     with staged_folder(out_dir) as staging:
         for name, spec in cfg.experiment.tables.items():
             spec_plain = OmegaConf.to_container(spec, resolve=True)
-            built[name] = build_table(records, spec_plain)
+            built[name] = build_table(records, spec_plain, lock)
             write_table(built[name], staging, name, title=spec_plain.get("title"),
                         note=spec_plain.get("note"))
             metrics[f"rows_{name}"] = len(built[name])
