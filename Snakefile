@@ -41,7 +41,9 @@ rule verify:
     params:
         py=W.python,
         drift=lambda wildcards: W.drift_tables,
+    log:
+        f"{W.results}/reports/verify.log",
     localrule: True
     # Fails, one line per experiment, when a rerun did not give the committed numbers back.
     shell:
-        "{params.py} -m gemvlab.results.drift {params.drift}"
+        "{params.py} -m gemvlab.results.drift {params.drift} 2>{log} || {{ cat {log} >&2; exit 1; }}"
