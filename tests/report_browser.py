@@ -78,9 +78,22 @@ class Report:
                                                             "a[iconname=eye]")))
 
     def show_first(self) -> None:
+        """Click the first result's eye button once the menu has settled: while the menu's
+        transition runs, a click can land on the row that is sliding under the button."""
+        from selenium.common.exceptions import (
+            ElementClickInterceptedException,
+            StaleElementReferenceException,
+        )
         from selenium.webdriver.common.by import By
 
-        self.driver.find_elements(By.CSS_SELECTOR, "a[iconname=eye]")[0].click()
+        def clicked(driver) -> bool:
+            try:
+                driver.find_elements(By.CSS_SELECTOR, "a[iconname=eye]")[0].click()
+            except (ElementClickInterceptedException, StaleElementReferenceException):
+                return False
+            return True
+
+        self.wait.until(clicked)
 
     def shown_png_width(self) -> int:
         """Pixel width of the PNG now shown, once the browser has decoded it."""
